@@ -1,0 +1,147 @@
+"""The ``lorafuse`` command line: thin commands over the public functions.
+
+Every user mistake is a :class:`LorafuseError`, printed as one line with exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafuse.errors import LorafuseError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fuse libraries of LoRA experts: ensembling, merging and routing, measured.",
+)
+
+BaseOpt = Annotated[
+    str, typer.Option("--base-model", help="Local HF causal LM folder, or 'embedded'.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, sampling and init.")]
+TasksOpt = Annotated[
+    str, typer.Option("--tasks", help="'builtin' or a JSONL file of {task, prompt, answer}.")
+]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Library directory to write.")],
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    seed: SeedOpt = 0,
+    steps: Annotated[int, typer.Option(help="Steps per private expert.")] = 100,
+    multitask_steps: Annotated[int, typer.Option(help="Steps of the multi-task adapter.")] = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    rank: int = 8,
+    alpha: float = 16.0,
+    top_layers: Annotated[int, typer.Option(help="LoRA on the last N layers (0 = all).")] = 6,
+) -> None:
+    """Train one private LoRA expert per task plus a multi-task adapter (resumable)."""
+    from lorafuse.models import load_base_model
+    from lorafuse.tasks import load_tasks
+    from lorafuse.training.config import TrainConfig
+    from lorafuse.training.library import train_library
+
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        rank=rank,
+        alpha=alpha,
+        top_layers=top_layers,
+        seed=seed,
+    )
+    base = load_base_model(base_model)
+    suite = load_tasks(tasks, seed=seed)
+    manifest = train_library(
+        base,
+        suite,
+        out,
+        config,
+        multitask_steps=multitask_steps,
+        extra_config={"tasks": tasks, "seed": seed, "multitask_steps": multitask_steps},
+    )
+    total = sum(e.metrics.get("wall_time_s", 0) for e in manifest.experts)
+    typer.echo(f"library: {out} ({len(manifest.experts)} experts, {total / 60:.1f} min training)")
+
+
+@app.command("eval")
+def eval_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")],
+    base_model: BaseOpt = "embedded",
+    adapter: Annotated[Path | None, typer.Option(help="One PEFT adapter directory.")] = None,
+    library: Annotated[Path | None, typer.Option(help="A lorafuse library directory.")] = None,
+    tasks: TasksOpt = "builtin",
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    seed: SeedOpt = 0,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights.")] = False,
+) -> None:
+    """Score the base model, one adapter, or every expert of a library on tasks."""
+    from lorafuse.eval.run import evaluate_command
+
+    results = evaluate_command(
+        base_model=base_model,
+        adapter=adapter,
+        library=library,
+        tasks=tasks,
+        split=split,
+        seed=seed,
+        out=out,
+        allow_pickle=allow_pickle,
+    )
+    typer.echo(results["table"])
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
+    library: Annotated[
+        Path | None, typer.Option(help="Library to fuse (default: the shipped one).")
+    ] = None,
+    retrain: Annotated[bool, typer.Option(help="Rebuild the library from scratch.")] = False,
+    base_model: BaseOpt = "embedded",
+    seed: SeedOpt = 0,
+) -> None:
+    """The main job: fuse the default library on the built-in suite and report."""
+    from lorafuse.demo import run_demo
+
+    run_demo(out=out, library=library, retrain=retrain, base_model=base_model, seed=seed)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        code = app(standalone_mode=False)
+    except LorafuseError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except Exception as err:  # usage errors and the like
+        # typer 0.29 vendors click (typer._click): its exceptions are not click's classes
+        if callable(getattr(err, "show", None)) and isinstance(
+            getattr(err, "exit_code", None), int
+        ):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, typer.Abort):
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        raise
+    if isinstance(code, int) and code:  # typer returns exit codes here (130 after Ctrl-C)
+        sys.exit(code)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,1 @@
+"""Core computation shared by training, evaluation and every fusion method."""

@@ -1,0 +1,156 @@
+"""``lorafuse demo``: the default library fused and measured on the built-in suite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lorafuse.core.encode import encode_examples
+from lorafuse.core.states import StateCache
+from lorafuse.eval.report import markdown_table, plot_methods, plot_task_heatmap
+from lorafuse.eval.run import (
+    BASE_ROW,
+    ORACLE_ROW,
+    choose_split,
+    oracle,
+    score_rows,
+    summaries_of,
+    versions,
+)
+from lorafuse.io import atomic_write_json, atomic_write_text
+from lorafuse.library import check_compatible, open_library, save_adapter
+from lorafuse.merging import linear_merge
+from lorafuse.models import load_base_model
+from lorafuse.tasks import builtin_suite
+from lorafuse.training.config import TrainConfig
+from lorafuse.training.library import MULTITASK, train_library
+
+DEFAULT_LIBRARY = Path(__file__).resolve().parent / "data" / "default_library"
+# The command that built the shipped library (see README):
+#   lorafuse train --out src/lorafuse/data/default_library --seed 0 --steps 100 \
+#       --multitask-steps 300
+RETRAIN = {"steps": 100, "multitask_steps": 300}
+
+
+def run_demo(
+    *,
+    out: Path,
+    library: Path | None = None,
+    retrain: bool = False,
+    base_model: str = "embedded",
+    seed: int = 0,
+) -> dict:
+    """Evaluate base, multi-task, oracle and uniform merge; print and write the report."""
+    started = time.perf_counter()
+    out = Path(out)
+    base = load_base_model(base_model)
+    suite = builtin_suite(seed=seed)
+    timings: dict[str, float] = {}
+    if retrain:
+        library = out / "library"
+        t0 = time.perf_counter()
+        config = TrainConfig(steps=RETRAIN["steps"], seed=seed)
+        train_library(
+            base,
+            suite,
+            library,
+            config,
+            multitask_steps=RETRAIN["multitask_steps"],
+            extra_config={"tasks": "builtin", "seed": seed, **RETRAIN},
+        )
+        timings["retrain_s"] = time.perf_counter() - t0
+        print(f"retrained the library in {timings['retrain_s'] / 60:.1f} min -> {library}")
+    library = Path(library or DEFAULT_LIBRARY)
+    manifest, adapters = open_library(library)
+    check_compatible(list(adapters.values()), base_model=base.model)
+    private = {e.name: e for e in manifest.experts if e.kind == "private"}
+    expert_of = {e.tasks[0]: e.name for e in private.values()}
+
+    examples = suite.get("test")
+    encoded = encode_examples(base.tokenizer, examples)
+    cache = StateCache(base, choose_split(base, list(adapters.values())))
+    t0 = time.perf_counter()
+    cache.get(encoded, desc="test states (once, shared by all methods)")
+    timings["state_cache_s"] = time.perf_counter() - t0
+
+    uniform_dir = out / "merged" / "uniform_average"
+    merged = linear_merge([adapters[n] for n in private])
+    save_adapter(
+        uniform_dir,
+        merged,
+        base_model=base.name,
+        readme="Uniform full-rank average of the private experts (lorafuse demo).\n",
+    )
+    subsets = {
+        n: [i for i, ex in enumerate(examples) if ex.task in private[n].tasks] for n in private
+    }
+    t0 = time.perf_counter()
+    rows = score_rows(
+        base,
+        encoded,
+        cache,
+        {
+            **{n: adapters[n].path for n in private},
+            MULTITASK: adapters[MULTITASK].path,
+            "uniform_average": uniform_dir,
+        },
+        subsets=subsets,
+    )
+    timings["evaluation_s"] = time.perf_counter() - t0
+    rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
+    order = [BASE_ROW, MULTITASK, ORACLE_ROW, "uniform_average"]
+    summaries = summaries_of(examples, {k: rows[k] for k in order}, reference=rows[ORACLE_ROW])
+    timings["total_s"] = time.perf_counter() - started
+
+    table = markdown_table(summaries)
+    print()
+    print(
+        f"lorafuse demo: {len(private)} private experts, {len(suite.tasks)} tasks, "
+        f"{len(examples)} test examples, base model {base.name}"
+    )
+    print(table)
+    print(
+        f"\nbase model mean exact match: {100 * summaries[BASE_ROW]['mean_accuracy']:.1f}%  "
+        f"private experts on their own tasks: "
+        f"{100 * summaries[ORACLE_ROW]['mean_accuracy']:.1f}%"
+    )
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+
+    results = {
+        "methods": summaries,
+        "seed": seed,
+        "library": str(library),
+        "timings": timings,
+        "config": {
+            "base_model": base.name,
+            "tasks": "builtin",
+            "split": "test",
+            "library_config": manifest.config,
+        },
+        "versions": versions(),
+    }
+    atomic_write_json(out / "results.json", results)
+    plot_methods(summaries, out / "methods.png", title="lorafuse demo (test split)")
+    plot_task_heatmap(summaries, out / "tasks.png")
+    atomic_write_text(out / "report.md", _report(table, timings, library))
+    print(f"wrote {out}/results.json, report.md, methods.png, tasks.png")
+    return results
+
+
+def _report(table: str, timings: dict[str, float], library: Path) -> str:
+    lines = [
+        "# lorafuse demo report",
+        "",
+        f"Library: `{library}`. Loss = mean answer-token NLL (answer + end-of-turn); "
+        "acc = greedy exact match (%); norm = accuracy / own expert's accuracy.",
+        "",
+        table,
+        "",
+        "![methods](methods.png)",
+        "",
+        "![tasks](tasks.png)",
+        "",
+        "Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation: answer-token loss and exact match per task, summaries and reports."""

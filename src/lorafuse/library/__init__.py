@@ -1,0 +1,42 @@
+"""Libraries of LoRA experts: single PEFT adapters, compatibility checks, the manifest."""
+
+from __future__ import annotations
+
+from lorafuse.library.adapter import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    LoraFactors,
+    module_sort_key,
+    save_adapter,
+)
+from lorafuse.library.compat import check_compatible, load_adapters
+from lorafuse.library.manifest import (
+    MANIFEST_NAME,
+    ExpertEntry,
+    LibraryManifest,
+    new_manifest,
+    open_library,
+    read_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "CONFIG_NAME",
+    "MANIFEST_NAME",
+    "PICKLE_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "ExpertEntry",
+    "LibraryManifest",
+    "LoraAdapter",
+    "LoraFactors",
+    "check_compatible",
+    "load_adapters",
+    "module_sort_key",
+    "new_manifest",
+    "open_library",
+    "read_manifest",
+    "save_adapter",
+    "write_manifest",
+]

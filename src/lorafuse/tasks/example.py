@@ -1,0 +1,154 @@
+"""Examples, splits and the JSONL task format (``{"task", "prompt", "answer"}`` per line)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorafuse.errors import LorafuseError
+from lorafuse.io import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its short reference answer."""
+
+    task: str
+    prompt: str
+    answer: str
+
+
+@dataclass
+class TaskSuite:
+    """Examples per split; ``splits[split]`` keeps the order the examples were made in."""
+
+    splits: dict[str, list[Example]] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in first-seen order over all splits."""
+        seen: dict[str, None] = {}
+        for split in SPLITS:
+            for ex in self.splits.get(split, []):
+                seen.setdefault(ex.task)
+        return list(seen)
+
+    def get(self, split: str, tasks: Sequence[str] | None = None) -> list[Example]:
+        """Examples of one split, optionally restricted to some tasks."""
+        if split not in self.splits:
+            raise LorafuseError(f"no '{split}' split (have: {', '.join(self.splits)})")
+        wanted = set(tasks) if tasks is not None else None
+        return [ex for ex in self.splits[split] if wanted is None or ex.task in wanted]
+
+    def by_task(self, split: str) -> dict[str, list[Example]]:
+        out: dict[str, list[Example]] = defaultdict(list)
+        for ex in self.get(split):
+            out[ex.task].append(ex)
+        return dict(out)
+
+
+def split_examples(
+    examples: Sequence[Example], sizes: dict[str, int], seed: int
+) -> dict[str, list[Example]]:
+    """Shuffle one task's examples by seed and cut disjoint splits of the given sizes.
+
+    Duplicates (same prompt) are dropped first so that no test prompt is seen in training.
+    """
+    unique = list({ex.prompt: ex for ex in examples}.values())
+    random.Random(seed).shuffle(unique)
+    need = sum(sizes.values())
+    if len(unique) < need:
+        task = examples[0].task if examples else "?"
+        raise LorafuseError(f"task '{task}' has {len(unique)} unique prompts, {need} needed")
+    out, start = {}, 0
+    for split, n in sizes.items():
+        out[split] = unique[start : start + n]
+        start += n
+    return out
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read ``{"task", "prompt", "answer"}`` lines; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafuseError("task file not found", path)
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LorafuseError(f"line {lineno}: invalid JSON ({err.msg})", path) from None
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row.get(k) for k in ("task", "prompt", "answer")
+        ):
+            raise LorafuseError(
+                f"line {lineno}: need non-empty string fields task, prompt, answer", path
+            )
+        examples.append(Example(row["task"], row["prompt"], row["answer"]))
+    if not examples:
+        raise LorafuseError("no examples", path)
+    return examples
+
+
+def save_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(ex)) + "\n" for ex in examples))
+
+
+def load_tasks(
+    spec: str,
+    *,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+) -> TaskSuite:
+    """``"builtin"`` for the built-in suite, or a JSONL path split per task by seed.
+
+    A JSONL file with a ``split`` field per line keeps the user's splits instead.
+    """
+    from lorafuse.tasks.builtin import DEFAULT_SIZES, builtin_suite
+
+    sizes = dict(sizes or DEFAULT_SIZES)
+    if spec == "builtin":
+        return builtin_suite(seed=seed, sizes=sizes)
+    path = Path(spec)
+    examples = load_jsonl(path)  # validates first: bad lines are LorafuseErrors, not tracebacks
+    lines = path.read_text(encoding="utf-8").splitlines()
+    raw = [json.loads(line) for line in lines if line.strip()]
+    if raw and all(r.get("split") in SPLITS for r in raw):
+        splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        for r, ex in zip(raw, examples, strict=True):
+            splits[r["split"]].append(ex)
+        return TaskSuite(splits)
+    return split_per_task(examples, sizes=sizes, seed=seed)
+
+
+def split_per_task(examples: Sequence[Example], *, sizes: dict[str, int], seed: int) -> TaskSuite:
+    """Split each task by proportion when it is smaller than ``sizes`` asks for."""
+    grouped: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        grouped[ex.task].append(ex)
+    splits: dict[str, list[Example]] = {s: [] for s in sizes}
+    for i, (_task, exs) in enumerate(grouped.items()):
+        n_unique = len({ex.prompt for ex in exs})
+        total = sum(sizes.values())
+        scaled = sizes if n_unique >= total else _scale_sizes(sizes, n_unique)
+        for split, part in split_examples(exs, scaled, seed + 1000 * i).items():
+            splits[split].extend(part)
+    return TaskSuite(splits)
+
+
+def _scale_sizes(sizes: dict[str, int], n: int) -> dict[str, int]:
+    total = sum(sizes.values())
+    scaled = {k: max(1, v * n // total) for k, v in sizes.items()}
+    first = next(iter(scaled))
+    scaled[first] = n - sum(v for k, v in scaled.items() if k != first)
+    if scaled[first] < 1:
+        raise LorafuseError(f"a task has only {n} unique prompts: too few to split")
+    return scaled

@@ -1,0 +1,1 @@
+"""Training LoRA experts on cached lower-layer states."""

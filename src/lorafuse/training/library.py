@@ -1,0 +1,81 @@
+"""Train a library: one private expert per task plus a multi-task adapter, resumable.
+
+The manifest is rewritten after every expert, so an interrupted run picks up where it
+stopped (finished experts are kept, a half-trained one resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafuse.core.encode import encode_examples
+from lorafuse.core.states import StateCache
+from lorafuse.library import ExpertEntry, LibraryManifest, new_manifest, write_manifest
+from lorafuse.library.manifest import MANIFEST_NAME, read_manifest
+from lorafuse.models import BaseModel
+from lorafuse.tasks.example import TaskSuite
+from lorafuse.training.config import TrainConfig
+from lorafuse.training.train import split_layer, train_adapter
+
+MULTITASK = "multitask"
+
+
+def train_library(
+    base: BaseModel,
+    suite: TaskSuite,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    multitask_steps: int | None = None,
+    tasks: Sequence[str] | None = None,
+    extra_config: dict | None = None,
+    progress: bool = True,
+) -> LibraryManifest:
+    """Train private experts (one per task) and a multi-task adapter into ``out_dir``."""
+    out_dir = Path(out_dir)
+    tasks = list(tasks or suite.tasks)
+    cache = StateCache(base, split_layer(base.model, config.top_layers), progress=progress)
+    manifest = _resume_manifest(out_dir, base, config, extra_config)
+    done = {e.name for e in manifest.experts if (out_dir / e.path).is_dir()}
+    jobs = [(t, [t], "private", config) for t in tasks]
+    mt_config = config.model_copy(update={"steps": multitask_steps or 2 * config.steps})
+    jobs.append((MULTITASK, tasks, MULTITASK, mt_config))
+    for name, job_tasks, kind, cfg in jobs:
+        if name in done:
+            continue
+        examples = suite.get("train", job_tasks)
+        encoded = encode_examples(base.tokenizer, examples)
+        rel = f"experts/{name}"
+        started = time.perf_counter()
+        result = train_adapter(
+            base, encoded, cache, cfg, out_dir / rel, desc=f"train {name}", progress=progress
+        )
+        entry = ExpertEntry(
+            name=name,
+            path=rel,
+            tasks=job_tasks,
+            kind=kind,
+            train={**cfg.model_dump(), "n_train": len(examples)},
+            metrics={
+                "train_time_s": round(result.train_time_s, 1),
+                "wall_time_s": round(time.perf_counter() - started, 1),
+                "final_train_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
+            },
+        )
+        manifest.experts = [e for e in manifest.experts if e.name != name] + [entry]
+        write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _resume_manifest(
+    out_dir: Path, base: BaseModel, config: TrainConfig, extra: dict | None
+) -> LibraryManifest:
+    settings = {"train": config.model_dump(), **(extra or {})}
+    if (out_dir / MANIFEST_NAME).is_file():
+        manifest = read_manifest(out_dir)
+        if manifest.config.get("train") == settings["train"]:
+            return manifest
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return new_manifest(base.name, [], settings)

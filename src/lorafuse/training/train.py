@@ -1,0 +1,179 @@
+"""Train one LoRA adapter with PEFT on answer tokens, on top of cached lower-layer states.
+
+Only layers ``split..L-1`` carry LoRA, so each step runs just those layers; logits are
+taken only where they predict answer tokens. Batches are a pure function of (seed, step),
+so a run interrupted after a checkpoint resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from lorafuse.core.encode import Encoded, collate
+from lorafuse.core.forward import num_layers, target_logits
+from lorafuse.core.states import StateCache, pad_states
+from lorafuse.io import atomic_dir, atomic_path
+from lorafuse.models import BaseModel
+from lorafuse.training.config import TrainConfig
+
+
+def split_layer(model: torch.nn.Module, top_layers: int) -> int:
+    """First adapted layer: ``L - top_layers`` (0 when ``top_layers`` is 0 = all layers)."""
+    total = num_layers(model)
+    return 0 if top_layers <= 0 or top_layers >= total else total - top_layers
+
+
+def lora_config(config: TrainConfig, base: BaseModel) -> LoraConfig:
+    split = split_layer(base.model, config.top_layers)
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        layers_to_transform=list(range(split, num_layers(base.model))),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base.name,
+    )
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of a step: epochs are seeded permutations, a pure function of step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    return perm[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+def answer_loss(
+    model: torch.nn.Module,
+    states: Sequence[torch.Tensor],
+    encoded: Sequence[Encoded],
+    split: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Mean over examples of the mean NLL of each example's target tokens."""
+    batch = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    logits = target_logits(model, pad_states(states).to(device), batch, split)
+    nll = F.cross_entropy(logits, batch.targets.to(device), reduction="none")
+    per_example = torch.zeros(len(encoded), device=device).index_add_(
+        0, batch.rows.to(device), nll
+    ) / torch.tensor([e.n_targets for e in encoded], device=device)
+    return per_example.mean()
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    steps: int
+    train_time_s: float
+    losses: list[float]
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / (config.warmup + 1)
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_adapter(
+    base: BaseModel,
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a fresh LoRA on ``encoded`` and save it (atomically) as a PEFT adapter."""
+    out_dir = Path(out_dir)
+    split = split_layer(base.model, config.top_layers)
+    if split != cache.split:
+        raise ValueError(f"state cache is at layer {cache.split}, training needs {split}")
+    states = cache.get(encoded, desc=f"{desc}: states")
+    torch.manual_seed(config.seed)
+    model = get_peft_model(base.model, lora_config(config, base))
+    # get_peft_model overwrites the recorded base name with model.name_or_path (a local path)
+    model.peft_config[model.active_adapter].base_model_name_or_path = base.name
+    try:
+        return _train_loop(model, base, encoded, states, config, split, out_dir, desc, progress)
+    finally:
+        model.unload()  # remove the LoRA layers, leave the base model untouched
+        base.model.eval().requires_grad_(False)  # eval also after an interrupted run
+
+
+def _train_loop(
+    model: PeftModel,
+    base: BaseModel,
+    encoded: Sequence[Encoded],
+    states: Sequence[torch.Tensor],
+    config: TrainConfig,
+    split: int,
+    out_dir: Path,
+    desc: str,
+    progress: bool,
+) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    ckpt = out_dir.parent / f".{out_dir.name}.ckpt.pt"
+    step, losses, elapsed = 0, [], 0.0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["lora"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+    model.train()
+    pad = base.tokenizer.pad_token_id
+    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress)
+    start = time.perf_counter() - elapsed
+    while step < config.steps:
+        idx = batch_indices(len(encoded), step, config.batch_size, config.seed)
+        loss = answer_loss(model, [states[i] for i in idx], [encoded[i] for i in idx], split, pad)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(round(loss.item(), 5))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1)
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            _checkpoint(ckpt, model, opt, sched, step, losses, time.perf_counter() - start)
+    bar.close()
+    model.eval()
+    train_time = time.perf_counter() - start
+    with atomic_dir(out_dir) as tmp:
+        # no embedding check: it would look base_model_name_or_path up on the hub
+        model.save_pretrained(tmp, save_embedding_layers=False)
+    ckpt.unlink(missing_ok=True)
+    return TrainResult(out_dir, step, train_time, losses)
+
+
+def _checkpoint(ckpt, model, opt, sched, step, losses, elapsed) -> None:
+    lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    with atomic_path(ckpt) as tmp:
+        torch.save(
+            {
+                "lora": lora,
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "step": step,
+                "losses": losses,
+                "elapsed": elapsed,
+            },
+            tmp,
+        )

@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: tiny models built from configs (no hub access, fast on CPU)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+    from lorafuse.models import BaseModel
+
+TINY_LLAMA_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    """A seeded 2-layer fp32 LlamaForCausalLM in eval mode; identical on every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # imported lazily: it is slow
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_CONFIG))
+    return model.to(torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_base(
+    tiny_llama: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> BaseModel:
+    """``tiny_llama`` as a frozen :class:`lorafuse.models.BaseModel` (pad id 0, no path).
+
+    ``LORAFUSE_CACHE`` points at a temp dir so nothing reaches the user cache.
+    """
+    from types import SimpleNamespace
+
+    from lorafuse.models import BaseModel
+
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path_factory.mktemp("lorafuse_cache")))
+    tiny_llama.requires_grad_(False)
+    return BaseModel(
+        model=tiny_llama, tokenizer=SimpleNamespace(pad_token_id=0), name="tiny", path=None
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread() -> None:
+    """Tiny models gain nothing from threads, and with other jobs on the CPU, torch's thread
+    pool spin-waits make each tiny forward ~100x slower (250 ms vs 3 ms measured)."""
+    torch.set_num_threads(1)

