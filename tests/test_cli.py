@@ -147,3 +147,35 @@ def test_usage_error_exit_code(
     assert code == 2
     assert "Traceback" not in out + err
     assert "--no-such-option" in err
+
+
+def test_nan_adapter_refused_before_model_loads(
+    tiny_llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN weights are found by reading the factors up front, not after scoring."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "nan"
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(tiny_llama, cfg).save_pretrained(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[key][0, 0] = torch.nan
+    save_file(tensors, weights)
+    code, out, err = run_cli(
+        [
+            "eval",
+            "--adapter",
+            str(adapter),
+            "--tasks",
+            str(good_tasks(tmp_path / "t.jsonl")),
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(code, out, err, "NaN", str(adapter))

@@ -91,9 +91,7 @@ def test_private_experts_beat_base_on_their_tasks(base, small_suite, tmp_path: P
                 continue
             model.set_adapter(entry.name)
             idx = [i for i, ex in enumerate(examples) if ex.task in entry.tasks]
-            scores = score_examples(
-                model_log_probs(model, 24), [encoded[i] for i in idx], cache
-            )
+            scores = score_examples(model_log_probs(model, 24), [encoded[i] for i in idx], cache)
             hits.extend(scores.correct.tolist())
             assert scores.loss.mean() < base_scores.loss[idx].mean()
     assert sum(hits) / len(hits) >= 0.8
@@ -105,9 +103,21 @@ def test_eval_cli_writes_results_contract(small_suite, tmp_path: Path) -> None:
     save_jsonl(tasks, [ex for ex in small_suite.get("test") if ex.task == "larger"])
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafuse.cli", "eval", "--adapter",
-         str(DEFAULT_LIBRARY / "experts" / "larger"), "--tasks", str(tasks), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lorafuse.cli",
+            "eval",
+            "--adapter",
+            str(DEFAULT_LIBRARY / "experts" / "larger"),
+            "--tasks",
+            str(tasks),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())

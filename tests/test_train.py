@@ -132,9 +132,7 @@ def test_train_adapter_learns_saves_and_restores_base(
     assert trained_scores.loss.mean() < base_scores.loss.mean() - 0.1
 
 
-def test_train_adapter_rejects_wrong_cache_split(
-    tiny_base: BaseModel, tmp_path: Path
-) -> None:
+def test_train_adapter_rejects_wrong_cache_split(tiny_base: BaseModel, tmp_path: Path) -> None:
     cache0 = StateCache(tiny_base, 0, directory=tmp_path / "states", progress=False)
     with pytest.raises(ValueError, match="layer 0"):
         train_adapter(tiny_base, pattern_examples(4), cache0, CONFIG, tmp_path / "x")

@@ -18,7 +18,7 @@ from lorafuse.eval.run import (
     versions,
 )
 from lorafuse.io import atomic_write_json, atomic_write_text
-from lorafuse.library import check_compatible, open_library, save_adapter
+from lorafuse.library import check_compatible, check_weights, open_library, save_adapter
 from lorafuse.merging import linear_merge
 from lorafuse.models import load_base_model
 from lorafuse.tasks import builtin_suite
@@ -63,6 +63,7 @@ def run_demo(
     library = Path(library or DEFAULT_LIBRARY)
     manifest, adapters = open_library(library)
     check_compatible(list(adapters.values()), base_model=base.model)
+    check_weights(list(adapters.values()))
     private = {e.name: e for e in manifest.experts if e.kind == "private"}
     expert_of = {e.tasks[0]: e.name for e in private.values()}
 

@@ -87,8 +87,11 @@ class BaseModel:
             for f in sorted(self.path.glob("*.safetensors")):
                 st = f.stat()
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        else:
-            h.update(str(id(self.model)).encode())
+        else:  # in-memory model: sample every parameter (cheap, and never reused by id)
+            for name, p in self.model.state_dict().items():
+                flat = p.detach().reshape(-1)
+                h.update(f"{name}:{tuple(p.shape)}".encode())
+                h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from lorafuse.core.states import StateCache
 from lorafuse.eval.harness import ExampleScores, model_log_probs, per_task, score_examples
 from lorafuse.eval.report import markdown_table
 from lorafuse.io import atomic_write_json
-from lorafuse.library import LoraAdapter, check_compatible, open_library
+from lorafuse.library import LoraAdapter, check_compatible, check_weights, open_library
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
 from lorafuse.tasks.example import Example
@@ -126,6 +126,7 @@ def evaluate_command(
         expert_of = {
             e.tasks[0]: e.name for e in manifest.experts if e.kind == "private" and e.tasks
         }
+    check_weights(list(opened.values()))
     suite = load_tasks(tasks, seed=seed)  # bad inputs fail before the model loads
     examples = suite.get(split)
     base = load_base_model(base_model)

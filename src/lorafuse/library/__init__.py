@@ -11,7 +11,7 @@ from lorafuse.library.adapter import (
     module_sort_key,
     save_adapter,
 )
-from lorafuse.library.compat import check_compatible, load_adapters
+from lorafuse.library.compat import check_compatible, check_weights, load_adapters
 from lorafuse.library.manifest import (
     MANIFEST_NAME,
     ExpertEntry,
@@ -32,6 +32,7 @@ __all__ = [
     "LoraAdapter",
     "LoraFactors",
     "check_compatible",
+    "check_weights",
     "load_adapters",
     "module_sort_key",
     "new_manifest",

@@ -107,3 +107,11 @@ def load_adapters(
     adapters = [LoraAdapter.open(p, allow_pickle=allow_pickle) for p in paths]
     check_compatible(adapters, base_model)
     return adapters
+
+
+def check_weights(adapters: Sequence[LoraAdapter]) -> None:
+    """Read every factor once (one module at a time) so NaN/Inf or bad shapes fail early,
+    naming the file, before a model is built from them."""
+    for adapter in adapters:
+        for _ in adapter.iter_factors():
+            pass
