@@ -158,3 +158,11 @@ def test_peft_top_on_plain_base_states(
         base_logits = target_logits(tiny_llama, pad_states(states), batch, 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - base_logits).abs().max() > 1e-3  # the LoRA really changes the logits
+
+
+def test_state_cache_persist_false_writes_nothing(tiny_base: BaseModel, tmp_path: Path) -> None:
+    enc = random_encoded([5, 7], [3, 4])
+    cache = StateCache(tiny_base, 1, directory=tmp_path, persist=False, progress=False)
+    first = cache.get(enc)
+    assert cache.get(enc) is first  # served from memory
+    assert not any(tmp_path.iterdir())

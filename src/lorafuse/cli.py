@@ -6,8 +6,8 @@ Every user mistake is a :class:`LorafuseError`, printed as one line with exit co
 
 from __future__ import annotations
 
-import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -118,6 +118,8 @@ def demo(
 
 
 def main() -> None:
+    # peft 0.21 calls a transformers API that transformers 5.23 deprecates; not ours to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
@@ -141,7 +143,3 @@ def main() -> None:
         raise
     if isinstance(code, int) and code:  # typer returns exit codes here (130 after Ctrl-C)
         sys.exit(code)
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2)

@@ -29,7 +29,7 @@ def _key(base: BaseModel, split: int, encoded: Sequence[Encoded]) -> str:
 
 
 class StateCache:
-    """Lower-layer states of example sets, in memory and (optionally) on disk."""
+    """Lower-layer states of example sets, in memory and on disk (``persist=False``: memory)."""
 
     def __init__(
         self,
@@ -37,12 +37,14 @@ class StateCache:
         split: int,
         directory: Path | None = None,
         *,
+        persist: bool = True,
         max_tokens: int = 2048,
         progress: bool = True,
     ) -> None:
         self.base = base
         self.split = split
-        self.directory = directory if directory is not None else cache_root() / "states"
+        # persist=False keeps states in memory only (tests, throwaway models)
+        self.directory = (directory or cache_root() / "states") if persist else None
         self.max_tokens = max_tokens
         self.progress = progress
         self._memory: dict[str, list[torch.Tensor]] = {}

@@ -8,7 +8,7 @@ separately, which adds cross-terms between experts.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,7 +34,3 @@ def concat_factors(parts: Sequence[LoraFactors], weights: Sequence[float]) -> Lo
     A = torch.cat([p.A for p in parts], dim=0)
     B = torch.cat([w * p.scaling * p.B for p, w in zip(parts, weights, strict=True)], dim=1)
     return LoraFactors(A=A.contiguous(), B=B.contiguous(), scaling=1.0)
-
-
-def merged_delta(factors: Mapping[str, LoraFactors], module: str) -> torch.Tensor:
-    return factors[module].delta()

@@ -1,0 +1,242 @@
+"""The one registry of static merge methods: name -> math function, space and parameters.
+
+A method is a plain function on one module's inputs (see ``factor_methods`` and
+``dense_methods``); the entry says which space it works in, what its parameters are (a
+pydantic model: validated, ``extra="forbid"``) and what the weights default to. The driver,
+``lorafuse.merging.merge``, does the rest. The dense methods are settings of
+``generalized_task_arithmetic``.
+
+Parameters every method takes: ``rank`` (output LoRA rank; ``None`` = exact for factor-space
+methods, ``sum r_k`` for dense ones). Dense methods add ``scale`` (lambda), ``seed`` (DARE
+drops, randomized SVD), ``svd`` (``"full"`` or ``"randomized"``) and ``svd_niter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafuse.errors import LorafuseError
+from lorafuse.merging import factor_methods
+from lorafuse.merging.dense_methods import generalized_task_arithmetic
+
+__all__ = [
+    "MERGE_METHODS",
+    "DenseParams",
+    "LowrankAverageParams",
+    "MergeMethod",
+    "MergeParams",
+    "SparseParams",
+    "TaskArithmeticParams",
+    "TiesParams",
+    "get_method",
+    "register",
+]
+
+Density = Annotated[float, Field(gt=0.0, le=1.0, description="fraction of entries kept")]
+
+
+class MergeParams(BaseModel):
+    """Parameters shared by all methods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    rank: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="output LoRA rank (None: exact / sum of expert ranks)"
+    )
+
+
+class TaskArithmeticParams(MergeParams):
+    scale: float = Field(default=1.0, description="lambda, multiplies the merged delta")
+
+
+class LowrankAverageParams(MergeParams):
+    weighting: Literal["average", "sqrt"] = Field(
+        default="average", description="per-factor weight |w| or sqrt(|w|) (PEFT's linear)"
+    )
+
+
+class DenseParams(MergeParams):
+    """Dense-space methods: the result is re-compressed to a LoRA by truncated SVD."""
+
+    scale: float = Field(default=1.0, description="lambda, multiplies the merged delta")
+    seed: int = Field(default=0, description="seeds DARE drops and randomized SVD per module")
+    svd: Literal["full", "randomized"] = Field(default="full", description="SVD algorithm")
+    svd_niter: Annotated[int, Field(ge=0)] = Field(
+        default=2, description="power iterations of the randomized SVD"
+    )
+
+
+class SparseParams(DenseParams):
+    density: Density
+
+
+class TiesParams(SparseParams):
+    majority_sign: Literal["total", "frequency"] = Field(
+        default="total", description="elect the sign of the sum of values, or of signs"
+    )
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    ``fn`` merges one module: factor space ``fn(parts: list[LoraFactors], weights, **params)
+    -> LoraFactors``; dense space ``fn(deltas: list[Tensor], weights, **params) -> Tensor``,
+    where ``params`` are the fields of ``params`` minus ``rank``/``svd``/``svd_niter``.
+    ``default_weights`` is what ``weights=None`` means: ``"mean"`` (1/K each) or ``"ones"``.
+    """
+
+    name: str
+    space: Literal["factors", "dense"]
+    fn: Callable[..., Any]
+    summary: str
+    url: str
+    params: type[MergeParams]
+    default_weights: Literal["mean", "ones"] = "mean"
+
+    def parse_params(self, params: Mapping[str, Any]) -> MergeParams:
+        """Validate ``params``; any problem is a one-line ``LorafuseError``."""
+        known = sorted(self.params.model_fields)
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            names = ", ".join(repr(u) for u in unknown)
+            raise LorafuseError(
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {names} for method "
+                f"{self.name!r} (known: {', '.join(known)})"
+            )
+        try:
+            return self.params(**params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            if err["type"] == "missing":
+                raise LorafuseError(
+                    f"missing parameter {field!r} for method {self.name!r}"
+                ) from None
+            raise LorafuseError(
+                f"invalid parameter {field!r} for method {self.name!r}: {err['msg']} "
+                f"(got {err.get('input')!r})"
+            ) from None
+
+    def default_weight_list(self, k: int) -> list[float]:
+        """The weights used when none are given, for ``k`` experts."""
+        return [1.0 / k] * k if self.default_weights == "mean" else [1.0] * k
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add ``method`` to :data:`MERGE_METHODS`; a name may be registered only once."""
+    if method.name in MERGE_METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    MERGE_METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``, or a ``LorafuseError`` listing the known ones."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise LorafuseError(
+            f"unknown merge method {name!r} (known: {', '.join(sorted(MERGE_METHODS))})"
+        ) from None
+
+
+_TIES_URL = "https://arxiv.org/abs/2306.01708"
+_DARE_URL = "https://arxiv.org/abs/2311.03099"
+_TA_URL = "https://arxiv.org/abs/2212.04089"
+
+register(
+    MergeMethod(
+        name="linear",
+        space="factors",
+        fn=factor_methods.linear,
+        summary="exact weighted sum of deltas, stacked into a rank-sum(r_k) LoRA",
+        url=_TA_URL,
+        params=MergeParams,
+    )
+)
+register(
+    MergeMethod(
+        name="task_arithmetic",
+        space="factors",
+        fn=factor_methods.task_arithmetic,
+        summary="exact scale * sum_k w_k delta_k (task vectors added, weights default 1)",
+        url=_TA_URL,
+        params=TaskArithmeticParams,
+        default_weights="ones",
+    )
+)
+register(
+    MergeMethod(
+        name="lowrank_average",
+        space="factors",
+        fn=factor_methods.lowrank_average,
+        summary="average A's and B's separately (equal ranks; cross-terms, not mean of deltas)",
+        url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging",
+        params=LowrankAverageParams,
+    )
+)
+register(
+    MergeMethod(
+        name="ties",
+        space="dense",
+        fn=partial(
+            generalized_task_arithmetic,
+            sparsify="magnitude",
+            sign_consensus=True,
+            combine="disjoint_mean",
+        ),
+        summary="TIES: trim to top-density magnitudes, elect signs, disjoint mean",
+        url=_TIES_URL,
+        params=TiesParams,
+        default_weights="ones",
+    )
+)
+register(
+    MergeMethod(
+        name="dare_linear",
+        space="dense",
+        fn=partial(
+            generalized_task_arithmetic, sparsify="random", sign_consensus=False, combine="sum"
+        ),
+        summary="DARE: random drop with prob 1-density, rescale by 1/density, weighted sum",
+        url=_DARE_URL,
+        params=SparseParams,
+    )
+)
+register(
+    MergeMethod(
+        name="dare_ties",
+        space="dense",
+        fn=partial(
+            generalized_task_arithmetic,
+            sparsify="random",
+            sign_consensus=True,
+            combine="disjoint_mean",
+        ),
+        summary="DARE drop and rescale, then TIES sign election and disjoint mean",
+        url=_DARE_URL,
+        params=TiesParams,
+        default_weights="ones",
+    )
+)
+register(
+    MergeMethod(
+        name="magnitude",
+        space="dense",
+        fn=partial(
+            generalized_task_arithmetic, sparsify="magnitude", sign_consensus=False, combine="sum"
+        ),
+        summary="magnitude-prune each expert to density, then weighted sum (PEFT)",
+        url=_TIES_URL,
+        params=SparseParams,
+    )
+)
