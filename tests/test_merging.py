@@ -247,6 +247,7 @@ def test_register_duplicate_raises() -> None:
         ("ties", {"density": 1.5}, r"invalid parameter 'density' for method 'ties': .*less"),
         ("ties", {}, r"missing parameter 'density' for method 'ties'"),
         ("linear", {"rank": 0}, r"invalid parameter 'rank' for method 'linear'"),
+        ("linear", {"rank": True}, r"invalid parameter 'rank' for method 'linear': .*boolean"),
         ("dare_ties", {"density": 0.5, "scale": float("nan")}, r"invalid parameter 'scale'"),
         ("ties", {"density": 0.5, "majority_sign": "x"}, r"invalid parameter 'majority_sign'"),
     ],
@@ -294,7 +295,8 @@ def test_linear_and_task_arithmetic_are_weighted_sums(adapters: list[LoraAdapter
     for module in adapters[0].module_names:
         deltas = [a.delta(module) for a in adapters]
         assert lin[module].rank == 10  # exact: sum of ranks
-        torch.testing.assert_close(lin[module].delta(), sum(wk * d for wk, d in zip(w, deltas)))
+        want = sum(wk * d for wk, d in zip(w, deltas, strict=True))
+        torch.testing.assert_close(lin[module].delta(), want)
         torch.testing.assert_close(ta[module].delta(), 0.3 * sum(deltas))
         torch.testing.assert_close(mean[module].delta(), sum(deltas) / 3)
     # with a rank: the best rank-3 approximation of the same sum

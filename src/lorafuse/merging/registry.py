@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafuse.errors import LorafuseError
 from lorafuse.merging import factor_methods
@@ -48,6 +48,14 @@ class MergeParams(BaseModel):
     rank: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="output LoRA rank (None: exact / sum of expert ranks)"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """Lax mode would read True as 1; no parameter is a boolean, so refuse them."""
+        if isinstance(value, bool):
+            raise ValueError("expected a number or a name, not a boolean")
+        return value
 
 
 class TaskArithmeticParams(MergeParams):
