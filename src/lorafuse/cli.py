@@ -117,6 +117,40 @@ def demo(
     run_demo(out=out, library=library, retrain=retrain, base_model=base_model, seed=seed)
 
 
+@app.command("merge")
+def merge_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML merge config.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    full_model: Annotated[
+        bool, typer.Option(help="Write a merged Hugging Face model instead of an adapter.")
+    ] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="Overrides parameters.seed (DARE, randomized SVD).")
+    ] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights.")] = False,
+) -> None:
+    """Merge experts as a YAML config says; writes a PEFT adapter (or a full model)."""
+    from lorafuse.merging import get_method
+    from lorafuse.merging.config import load_merge_config
+    from lorafuse.merging.run import run_merge
+
+    cfg, root = load_merge_config(config)
+    if seed is not None and "seed" in get_method(cfg.method).params.model_fields:
+        cfg.parameters["seed"] = seed
+    run_merge(cfg, out, root=root, full_model=full_model, allow_pickle=allow_pickle)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered merge methods (name, space, parameters, reference)."""
+    from lorafuse.merging import MERGE_METHODS
+
+    for m in MERGE_METHODS.values():
+        params = ", ".join(m.params.model_fields)
+        typer.echo(f"{m.name:16} {m.space:8} {m.summary}  [{params}]  {m.url}")
+
+
 def main() -> None:
     # peft 0.21 calls a transformers API that transformers 5.23 deprecates; not ours to fix
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
