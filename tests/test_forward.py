@@ -95,7 +95,7 @@ def test_state_cache_matches_examples_run_alone(
     assert [s.shape for s in states] == [(len(e.ids), 32) for e in ENCODED]
     for got, exp in zip(states, want, strict=True):
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
-    assert cache.get(ENCODED) is states  # memory hit
+    assert all(a is b for a, b in zip(cache.get(ENCODED), states, strict=True))  # memory hit
 
 
 def test_state_cache_reads_disk_without_recomputing(
@@ -114,11 +114,12 @@ def test_state_cache_reads_disk_without_recomputing(
     assert len(second) == len(first)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-    # another split layer or another example set is a different key: must compute
+    # another split layer, or an example never seen, must compute
     with pytest.raises(AssertionError, match="_compute called"):
         StateCache(tiny_base, 0, directory=directory, progress=False).get(ENCODED)
+    unseen = random_encoded([9], [4], seed=99)
     with pytest.raises(AssertionError, match="_compute called"):
-        StateCache(tiny_base, 1, directory=directory, progress=False).get(ENCODED[:2])
+        StateCache(tiny_base, 1, directory=directory, progress=False).get(ENCODED[:1] + unseen)
 
 
 def test_state_cache_default_directory_is_cache_root(tiny_base: BaseModel) -> None:
@@ -164,5 +165,20 @@ def test_state_cache_persist_false_writes_nothing(tiny_base: BaseModel, tmp_path
     enc = random_encoded([5, 7], [3, 4])
     cache = StateCache(tiny_base, 1, directory=tmp_path, persist=False, progress=False)
     first = cache.get(enc)
-    assert cache.get(enc) is first  # served from memory
+    assert all(a is b for a, b in zip(cache.get(enc), first, strict=True))  # from memory
     assert not any(tmp_path.iterdir())
+
+
+def test_state_cache_is_per_example(tiny_base: BaseModel, tmp_path: Path, monkeypatch) -> None:
+    """A union of cached sets is served from disk shards without recomputing anything."""
+    a, b = random_encoded([5, 7], [3, 4], seed=1), random_encoded([6, 4], [2, 2], seed=2)
+    StateCache(tiny_base, 1, directory=tmp_path, progress=False).get(a)
+    StateCache(tiny_base, 1, directory=tmp_path, progress=False).get(b)
+    fresh = StateCache(tiny_base, 1, directory=tmp_path, progress=False)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(fresh, "_compute", boom)
+    union = fresh.get(b[::-1] + a)
+    assert [s.shape[0] for s in union] == [len(e.ids) for e in b[::-1] + a]

@@ -1,17 +1,20 @@
 """Hidden states entering the first adapted layer, computed once per example and cached.
 
 Every expert and every fusion method adapts only layers ``split..L-1`` by default, so the
-states below are shared by all of them. They are cached in memory and on disk (keyed by
-model fingerprint, split layer and the exact token ids), built lazily on first use.
+states below are shared by all of them. They are cached per example in memory and on disk
+(shards named by model fingerprint and split layer, examples keyed by their token ids),
+built lazily on first use.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -21,11 +24,9 @@ from lorafuse.io import atomic_path
 from lorafuse.models import BaseModel, cache_root
 
 
-def _key(base: BaseModel, split: int, encoded: Sequence[Encoded]) -> str:
-    h = hashlib.sha1(f"{base.fingerprint}:{split}".encode())
-    for e in encoded:
-        h.update(repr((e.ids, e.prompt_len)).encode())
-    return h.hexdigest()[:20]
+def example_key(encoded: Encoded) -> str:
+    """States depend only on the token ids (and the model and split, named by the shard)."""
+    return hashlib.sha1(repr(encoded.ids).encode()).hexdigest()[:24]
 
 
 class StateCache:
@@ -47,23 +48,50 @@ class StateCache:
         self.directory = (directory or cache_root() / "states") if persist else None
         self.max_tokens = max_tokens
         self.progress = progress
-        self._memory: dict[str, list[torch.Tensor]] = {}
+        self._memory: dict[str, torch.Tensor] = {}
+        self._shards_read: set[Path] = set()
+
+    @property
+    def _prefix(self) -> str:
+        return f"{self.base.fingerprint}-{self.split}-"
 
     def get(self, encoded: Sequence[Encoded], desc: str = "states") -> list[torch.Tensor]:
-        """One (len_i, H) tensor per example, in the order given."""
-        key = _key(self.base, self.split, encoded)
-        if key in self._memory:
-            return self._memory[key]
-        file = self.directory / f"{key}.safetensors" if self.directory else None
-        if file is not None and file.is_file():
+        """One (len_i, H) tensor per example, in the order given.
+
+        Cached per example, so any subset or union of cached sets (a task's split, all
+        tasks together) costs nothing; only unseen examples are computed, and they are
+        written to disk as one new shard.
+        """
+        keys = [example_key(e) for e in encoded]
+        missing = [i for i, k in enumerate(keys) if k not in self._memory]
+        if missing and self.directory is not None:
+            self._load_shards({keys[i] for i in missing})
+            missing = [i for i in missing if keys[i] not in self._memory]
+        if missing:
+            todo = list(dict.fromkeys(missing, None))
+            states = self._compute([encoded[i] for i in todo], desc)
+            fresh = dict(zip((keys[i] for i in todo), states, strict=True))
+            self._memory.update(fresh)
+            if self.directory is not None:
+                self._save_shard(fresh)
+        return [self._memory[k] for k in keys]
+
+    def _load_shards(self, wanted: set[str]) -> None:
+        """Read the shards (of this model and split) that hold any wanted example."""
+        for file in sorted(self.directory.glob(f"{self._prefix}*.safetensors")):
+            if file in self._shards_read:
+                continue
+            with safe_open(str(file), framework="pt") as handle:
+                keys = json.loads((handle.metadata() or {}).get("keys", "[]"))
+            if not wanted.intersection(keys):
+                continue
+            self._shards_read.add(file)
             data = load_file(str(file))
-            states = list(torch.split(data["states"], data["lengths"].tolist()))
-        else:
-            states = self._compute(encoded, desc)
-            if file is not None:
-                self._save(file, states)
-        self._memory[key] = states
-        return states
+            parts = torch.split(data["states"], data["lengths"].tolist())
+            self._memory.update(zip(keys, parts, strict=True))
+            wanted -= set(keys)
+            if not wanted:
+                return
 
     def _compute(self, encoded: Sequence[Encoded], desc: str) -> list[torch.Tensor]:
         model = self.base.model
@@ -92,12 +120,18 @@ class StateCache:
         bar.close()
         return out  # type: ignore[return-value]
 
-    @staticmethod
-    def _save(file: Path, states: list[torch.Tensor]) -> None:
+    def _save_shard(self, states: dict[str, torch.Tensor]) -> None:
+        keys = list(states)
+        name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
+        file = self.directory / f"{self._prefix}{name}.safetensors"
         file.parent.mkdir(parents=True, exist_ok=True)
-        lengths = torch.tensor([s.shape[0] for s in states])
+        tensors = {
+            "states": torch.cat(list(states.values())).contiguous(),
+            "lengths": torch.tensor([s.shape[0] for s in states.values()]),
+        }
         with atomic_path(file) as tmp:
-            save_file({"states": torch.cat(states).contiguous(), "lengths": lengths}, str(tmp))
+            save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys)})
+        self._shards_read.add(file)
 
 
 def pad_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
