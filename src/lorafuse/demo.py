@@ -19,7 +19,7 @@ from lorafuse.eval.run import (
 )
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import check_compatible, check_weights, open_library, save_adapter
-from lorafuse.merging import linear_merge
+from lorafuse.merging import merge
 from lorafuse.models import load_base_model
 from lorafuse.tasks import builtin_suite
 from lorafuse.training.config import TrainConfig
@@ -30,6 +30,14 @@ DEFAULT_LIBRARY = Path(__file__).resolve().parent / "data" / "default_library"
 #   lorafuse train --out src/lorafuse/data/default_library --seed 0 --steps 100 \
 #       --multitask-steps 300
 RETRAIN = {"steps": 100, "multitask_steps": 300}
+# Static merges of the private experts shown in the demo: row -> (method, parameters).
+DEMO_MERGES: dict[str, tuple[str, dict]] = {
+    "uniform_average": ("linear", {}),  # exact full-rank mean of the deltas
+    "lowrank_average": ("lowrank_average", {}),  # mean of A's and of B's (cross-terms)
+    "task_arithmetic": ("task_arithmetic", {"scale": 0.3}),
+    "ties": ("ties", {"density": 0.2, "scale": 1.0}),
+    "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
+}
 
 
 def run_demo(
@@ -40,7 +48,7 @@ def run_demo(
     base_model: str = "embedded",
     seed: int = 0,
 ) -> dict:
-    """Evaluate base, multi-task, oracle and uniform merge; print and write the report."""
+    """Evaluate base, multi-task, oracle and static merges; print and write the report."""
     started = time.perf_counter()
     out = Path(out)
     base = load_base_model(base_model)
@@ -74,14 +82,17 @@ def run_demo(
     cache.get(encoded, desc="test states (once, shared by all methods)")
     timings["state_cache_s"] = time.perf_counter() - t0
 
-    uniform_dir = out / "merged" / "uniform_average"
-    merged = linear_merge([adapters[n] for n in private])
-    save_adapter(
-        uniform_dir,
-        merged,
-        base_model=base.name,
-        readme="Uniform full-rank average of the private experts (lorafuse demo).\n",
-    )
+    t0 = time.perf_counter()
+    merged_dirs = {}
+    for row, (method, params) in DEMO_MERGES.items():
+        factors = merge([adapters[n] for n in private], method, progress=False, **params)
+        merged_dirs[row] = save_adapter(
+            out / "merged" / row,
+            factors,
+            base_model=base.name,
+            readme=f"lorafuse demo merge of the private experts: {method} {params}\n",
+        )
+    timings["merging_s"] = time.perf_counter() - t0
     subsets = {
         n: [i for i, ex in enumerate(examples) if ex.task in private[n].tasks] for n in private
     }
@@ -93,13 +104,13 @@ def run_demo(
         {
             **{n: adapters[n].path for n in private},
             MULTITASK: adapters[MULTITASK].path,
-            "uniform_average": uniform_dir,
+            **merged_dirs,
         },
         subsets=subsets,
     )
     timings["evaluation_s"] = time.perf_counter() - t0
     rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
-    order = [BASE_ROW, MULTITASK, ORACLE_ROW, "uniform_average"]
+    order = [BASE_ROW, MULTITASK, ORACLE_ROW, *DEMO_MERGES]
     summaries = summaries_of(examples, {k: rows[k] for k in order}, reference=rows[ORACLE_ROW])
     timings["total_s"] = time.perf_counter() - started
 

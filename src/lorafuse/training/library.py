@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafuse.core.encode import encode_examples
 from lorafuse.core.states import StateCache
+from lorafuse.io import atomic_write_text
 from lorafuse.library import ExpertEntry, LibraryManifest, new_manifest, write_manifest
 from lorafuse.library.manifest import MANIFEST_NAME, read_manifest
 from lorafuse.models import BaseModel
@@ -64,6 +65,7 @@ def train_library(
                 "final_train_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
             },
         )
+        write_expert_card(out_dir / rel, entry, base.name)
         manifest.experts = [e for e in manifest.experts if e.name != name] + [entry]
         write_manifest(out_dir, manifest)
     return manifest
@@ -79,3 +81,17 @@ def _resume_manifest(
             return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     return new_manifest(base.name, [], settings)
+
+
+def write_expert_card(adapter_dir: Path, entry: ExpertEntry, base_name: str) -> None:
+    """A short model card (replaces PEFT's generic template) saying what the expert is."""
+    train = ", ".join(f"{k}={v}" for k, v in entry.train.items())
+    metrics = ", ".join(f"{k}={v}" for k, v in entry.metrics.items())
+    text = (
+        f"---\nbase_model: {base_name}\nlibrary_name: peft\ntags: [lorafuse, lora]\n---\n\n"
+        f"# lorafuse expert `{entry.name}` ({entry.kind})\n\n"
+        f"LoRA adapter for `{base_name}` trained by `lorafuse train` on the answer tokens of "
+        f"task(s): {', '.join(entry.tasks)}.\n\n"
+        f"Training: {train}\n\nMetrics: {metrics}\n"
+    )
+    atomic_write_text(adapter_dir / "README.md", text)
