@@ -23,7 +23,7 @@ from lorafuse.demo import DEFAULT_LIBRARY
 from lorafuse.eval.harness import model_log_probs, score_examples
 from lorafuse.library import open_library
 from lorafuse.models import load_base_model
-from lorafuse.tasks import builtin_suite, save_jsonl
+from lorafuse.tasks import builtin_suite
 
 pytestmark = pytest.mark.embedded
 
@@ -100,13 +100,14 @@ def test_private_experts_beat_base_on_their_tasks(base, small_suite, tmp_path: P
 
 def test_eval_cli_writes_results_contract(small_suite, tmp_path: Path) -> None:
     tasks = tmp_path / "tasks.jsonl"
-    save_jsonl(tasks, [ex for ex in small_suite.get("test") if ex.task == "larger"])
+    rows = [ex for ex in small_suite.get("test") if ex.task == "larger"]
+    tasks.write_text("".join(json.dumps({**vars(ex), "split": "test"}) + "\n" for ex in rows))
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "lorafuse.cli",
+            "lorafuse",
             "eval",
             "--adapter",
             str(DEFAULT_LIBRARY / "experts" / "larger"),
@@ -122,7 +123,7 @@ def test_eval_cli_writes_results_contract(small_suite, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     task = results["tasks"]["larger"]
-    assert set(task) >= {"loss", "accuracy", "n"}
+    assert set(task) >= {"loss", "accuracy", "n"} and task["n"] == len(rows)
     assert task["accuracy"] >= 0.8
     assert results["mean_loss"] == pytest.approx(task["loss"])
     assert results["seed"] == 0 and "torch" in results["versions"]
