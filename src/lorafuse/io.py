@@ -152,3 +152,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; invalid JSON is a one-line LorafuseError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LorafuseError(f"invalid JSON: {' '.join(str(exc).split())}", path) from None

@@ -51,12 +51,7 @@ def plot_methods(summaries: Mapping[str, dict], path: str | Path, title: str = "
             label.set_horizontalalignment("right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_task_heatmap(summaries: Mapping[str, dict], path: str | Path) -> Path:
@@ -85,6 +80,13 @@ def plot_task_heatmap(summaries: Mapping[str, dict], path: str | Path) -> Path:
                 color = "white" if grid[i, j] < 60 else "black"
                 ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color=color)
     fig.colorbar(im, ax=ax, label="exact match (%)")
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    """Write a figure atomically as PNG and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

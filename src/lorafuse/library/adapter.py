@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorafuse.errors import LorafuseError
-from lorafuse.io import atomic_dir
+from lorafuse.io import atomic_dir, read_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -306,10 +306,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     """Load ``adapter_config.json`` and refuse anything that is not plain LoRA."""
     if not path.is_file():
         raise LorafuseError(f"{CONFIG_NAME} not found (not a PEFT adapter directory?)", path)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorafuseError(f"invalid JSON: {_one_line(exc)}", path) from exc
+    config = read_json(path)
     if not isinstance(config, dict):
         raise LorafuseError("expected a JSON object", path)
     peft_type = config.get("peft_type")

@@ -8,7 +8,6 @@ reproducible from the library alone. Unknown fields are errors, not silently dro
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafuse import __version__
 from lorafuse.errors import LorafuseError
-from lorafuse.io import atomic_write_text
+from lorafuse.io import atomic_write_text, read_json
 from lorafuse.library.adapter import LoraAdapter
 from lorafuse.library.compat import check_compatible
 
@@ -127,10 +126,7 @@ def read_manifest(library_dir: str | Path) -> LibraryManifest:
         raise LorafuseError("library directory not found", path.parent)
     if not path.is_file():
         raise LorafuseError(f"{MANIFEST_NAME} not found (not a lorafuse library?)", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorafuseError(f"invalid JSON: {' '.join(str(exc).split())}", path) from exc
+    data = read_json(path)
     try:
         return LibraryManifest.model_validate(data)
     except ValidationError as exc:
