@@ -1,0 +1,466 @@
+"""Benchmark lorafuse's ``merge`` against PEFT's ``add_weighted_adapter`` on the default library.
+
+Run::
+
+    make bench                                   # if the Makefile has a ``bench`` target
+    .venv/bin/python benchmarks/bench_merge.py   # all pairs: about 5.5 minutes on 2 idle cores
+    .venv/bin/python benchmarks/bench_merge.py --quick   # linear (r16, r64) and ties: ~2.5 min
+
+Target: lorafuse is at least 3x faster than PEFT's ``svd`` / ``ties_svd`` at the same output
+rank, with equal or lower reconstruction error.
+
+Setup: the embedded SmolLM2-135M (fp32, offline) and the K=8 private experts of the default
+library (r=8 on q/k/v/o/gate/up/down of layers 24-29: 42 modules). Each pair runs the same math
+on both sides with the same weights (the lorafuse method's defaults: 1/K for linear and DARE
+linear, 1 for TIES-style sums) and the same output rank (16; one extra pair at 64):
+
+=============  =====================  ==========================================
+lorafuse       PEFT combination_type  note
+=============  =====================  ==========================================
+linear         svd                    exact sum_k w_k delta_k, then rank-r SVD
+ties           ties_svd               density 0.5, majority sign "total"
+dare_linear    dare_linear_svd        density 0.5; random masks differ
+dare_ties      dare_ties_svd          density 0.5; random masks differ
+magnitude      magnitude_prune_svd    density 0.5
+=============  =====================  ==========================================
+
+Measured per pair, printed in this order (ratio = PEFT / lorafuse, so > 1 favours lorafuse):
+
+* time: median of 3 timed calls (2 when the first takes over ``SLOW_S``), after one untimed
+  warm-up call per side at the start of the run. Loading is excluded from both: PEFT's 8
+  adapters sit in the PeftModel, lorafuse's factors are read into memory beforehand (``merge``
+  on a library reads them from disk, about 0.3 s more). PEFT's time includes creating the new
+  adapter's layers; the adapter is deleted, untimed, after each call. Both do a full SVD (PEFT
+  with its default ``svd_full_matrices=True``).
+* memory: peak RSS above the pre-call baseline during the first timed call, sampled every
+  5 ms by a background thread (tracemalloc does not see torch allocations). glibc is told to
+  serve blocks >= 128 KiB by mmap and the heap is trimmed before the baseline, so freed
+  tensors leave the RSS. Peaks shorter than 5 ms can be missed; the lorafuse denominator of
+  the ratio is floored at ``MIN_MB``.
+* error: relative Frobenius error over all modules, ``sqrt(sum_m |ref_m - approx_m|^2) /
+  sqrt(sum_m |ref_m|^2)``, against the full-rank result of the same math. Dense results are
+  recorded during the last timed call (the input of the final SVD on each side); linear's is
+  the exact ``sum_k w_k delta_k`` from the factors. For linear, TIES and magnitude the
+  reference is lorafuse's uncompressed result (PEFT's own is checked to equal it). For DARE each
+  side is compared with its own uncompressed result, since the random masks differ.
+
+``--threads`` defaults to 2. On a machine whose cores are busy with other work, OpenMP threads
+that spin-wait for each other can make small ops 10-100x slower; use ``--threads 1`` there (a
+warning is printed when the load average exceeds the core count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import peft.tuners.lora.model as peft_lora_model
+import torch
+from peft import PeftModel
+
+from lorafuse.library import LoraAdapter, LoraFactors, open_library
+from lorafuse.merging import get_method, merge
+from lorafuse.models import load_base_model
+
+LIBRARY = Path(__file__).resolve().parents[1] / "src" / "lorafuse" / "data" / "default_library"
+DENSITY = 0.5
+SLOW_S = 5.0  # a first timed call slower than this gets 2 timed repeats instead of 3
+SAMPLE_S = 0.005
+MIN_MB = 0.1
+MB = 2**20
+# the module: attribute access ``lorafuse.merging.merge`` gives the re-exported function
+lorafuse_merge = importlib.import_module("lorafuse.merging.merge")
+PEFT_FUNCS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One comparison: a lorafuse method and the PEFT combination type with the same math."""
+
+    method: str
+    peft_type: str
+    rank: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"merge_{self.method}_r{self.rank}_vs_peft_{self.peft_type}"
+
+
+@dataclass
+class Result:
+    pair: Pair
+    lf_s: float
+    peft_s: float
+    lf_mb: float
+    peft_mb: float
+    lf_err: float
+    peft_err: float
+
+
+PAIRS = [
+    Pair("linear", "svd", 16),
+    Pair("ties", "ties_svd", 16, {"density": DENSITY}),
+    Pair("dare_linear", "dare_linear_svd", 16, {"density": DENSITY}),
+    Pair("dare_ties", "dare_ties_svd", 16, {"density": DENSITY}),
+    Pair("magnitude", "magnitude_prune_svd", 16, {"density": DENSITY}),
+    Pair("linear", "svd", 64),
+]
+QUICK_METHODS = {"linear", "ties"}
+
+
+# ----------------------------------------------------------------------------- inputs
+class InMemoryAdapter:
+    """An adapter's factors read into memory up front: what ``merge`` needs, without disk I/O."""
+
+    def __init__(self, adapter: LoraAdapter) -> None:
+        self.name = adapter.name
+        self.module_names = list(adapter.module_names)
+        self._factors = {m: adapter.factors(m) for m in self.module_names}
+
+    def factors(self, module: str) -> LoraFactors:
+        return self._factors[module]
+
+
+def load_peft_model(base_model: torch.nn.Module, adapters: dict[str, LoraAdapter]) -> PeftModel:
+    """A PeftModel over ``base_model`` with every adapter loaded under its own name."""
+    names = list(adapters)
+    first = adapters[names[0]]
+    model = PeftModel.from_pretrained(base_model, str(first.path), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name].path), adapter_name=name)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- measuring
+def configure_malloc() -> None:
+    """Serve blocks >= 128 KiB by mmap (fixed threshold), so freed tensors leave the RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it stops dynamic growth)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+
+def release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def rss_reader() -> Callable[[], int]:
+    """A function returning this process's resident set size in bytes (psutil or /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def from_proc() -> int:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * page
+
+        return from_proc
+    process = psutil.Process()
+    return lambda: int(process.memory_info().rss)
+
+
+RSS = rss_reader()
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[list[float]]:
+    """Yields a one-element list that holds, on exit, the peak RSS above the baseline in MB."""
+    release_memory()
+    baseline = RSS()
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], RSS())
+            stop.wait(SAMPLE_S)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    out = [0.0]
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], RSS())
+        out[0] = max(peak[0] - baseline, 0) / MB
+
+
+@contextlib.contextmanager
+def patched(owner: Any, attr: str, replacement: Any) -> Iterator[None]:
+    """Temporarily set ``owner.attr`` (a module global or an instance attribute)."""
+    had_own = attr in vars(owner)
+    original = vars(owner).get(attr)
+    setattr(owner, attr, replacement)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(owner, attr, original)
+        else:
+            delattr(owner, attr)
+
+
+@dataclass
+class Measured:
+    seconds: float  # median over the timed calls
+    peak_mb: float  # peak RSS above baseline during the first timed call
+    output: Any  # what the last call returned
+    dense: dict[str, torch.Tensor]  # uncompressed results recorded during the last call
+
+
+def measure(
+    call: Callable[[], Any],
+    cleanup: Callable[[Any], None],
+    recording: Callable[[], contextlib.AbstractContextManager[dict[str, torch.Tensor]]],
+) -> Measured:
+    """Median of 3 timed calls (2 if the first takes over ``SLOW_S``).
+
+    RSS is sampled during the first call and the uncompressed results are recorded during
+    the last one. ``cleanup`` runs, untimed, after every call but the last, whose output is
+    returned (the caller cleans it up).
+    """
+    with peak_rss() as mem:
+        start = time.perf_counter()
+        out = call()
+        times = [time.perf_counter() - start]
+    repeats = 2 if times[0] > SLOW_S else 3
+    dense: dict[str, torch.Tensor] = {}
+    for i in range(1, repeats):
+        cleanup(out)
+        del out
+        last = i == repeats - 1
+        with recording() if last else contextlib.nullcontext(dense) as dense:
+            start = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - start)
+    return Measured(statistics.median(times), mem[0], out, dense)
+
+
+def rel_error(refs: dict[str, torch.Tensor], approx: dict[str, torch.Tensor]) -> float:
+    """``sqrt(sum |ref - approx|^2) / sqrt(sum |ref|^2)`` over all modules, in float64."""
+    num = den = 0.0
+    for module, ref in refs.items():
+        r = ref.double()
+        num += float(torch.linalg.matrix_norm(r - approx[module].double()) ** 2)
+        den += float(torch.linalg.matrix_norm(r) ** 2)
+    return math.sqrt(num / den)
+
+
+# ----------------------------------------------------------------------------- lorafuse side
+class LorafuseRunner:
+    """Runs ``merge`` on in-memory adapters and records dense methods' uncompressed results."""
+
+    def __init__(self, adapters: Sequence[InMemoryAdapter]) -> None:
+        self.adapters = adapters
+        self.modules = adapters[0].module_names
+        # merge only uses module_names and factors(), which InMemoryAdapter provides
+        self._as_adapters = cast(Sequence[LoraAdapter], adapters)
+
+    def call(self, pair: Pair, weights: list[float]) -> dict[str, LoraFactors]:
+        return merge(
+            self._as_adapters, pair.method, weights, progress=False, rank=pair.rank, **pair.params
+        )
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the dense delta each module hands to ``compress_dense`` (dense methods)."""
+        seen: list[torch.Tensor] = []
+        compress = lorafuse_merge.compress_dense
+
+        def keep(delta: torch.Tensor, *args: Any, **kwargs: Any) -> LoraFactors:
+            seen.append(delta)
+            return compress(delta, *args, **kwargs)
+
+        recorded: dict[str, torch.Tensor] = {}
+        with patched(lorafuse_merge, "compress_dense", keep):
+            yield recorded
+        if seen:
+            recorded.update(zip(self.modules, seen, strict=True))
+
+    def reference(self, pair: Pair, weights: list[float]) -> dict[str, torch.Tensor]:
+        """A factor-space method's exact result per module (cheap: B @ A per module)."""
+        spec = get_method(pair.method)
+        kwargs = spec.parse_params(pair.params).model_dump()
+        for key in ("rank", "svd", "svd_niter"):
+            kwargs.pop(key, None)
+        return {
+            m: spec.fn([a.factors(m) for a in self.adapters], weights, **kwargs).delta()
+            for m in self.modules
+        }
+
+
+# ----------------------------------------------------------------------------- PEFT side
+class PeftRunner:
+    """Runs ``add_weighted_adapter`` on a PeftModel and reads or deletes the result."""
+
+    def __init__(self, model: PeftModel, adapter_names: list[str]) -> None:
+        self.model = model
+        self.adapter_names = adapter_names
+        self.calls = 0
+
+    def call(self, pair: Pair, weights: list[float]) -> str:
+        self.calls += 1
+        name = f"bench_{self.calls}"
+        self.model.add_weighted_adapter(
+            self.adapter_names,
+            weights,
+            name,
+            combination_type=pair.peft_type,
+            svd_rank=pair.rank,
+            density=pair.params.get("density"),
+            majority_sign_method=pair.params.get("majority_sign", "total"),
+        )
+        return name
+
+    def delete(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def deltas(self, name: str, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        base = self.model.get_base_model()
+        return {m: base.get_submodule(m).get_delta_weight(name).detach() for m in modules}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record PEFT's uncompressed merged delta per module (the input of its SVD)."""
+        recorded: dict[str, torch.Tensor] = {}
+        last: list[torch.Tensor] = []
+        lora_model = self.model.base_model
+        names = {id(mod): n for n, mod in self.model.get_base_model().named_modules()}
+        svd_merge = lora_model._svd_generalized_task_arithmetic_weighted_adapter
+
+        def keep(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+            def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+                last.append(fn(*args, **kwargs))
+                return last[-1]
+
+            return wrapped
+
+        def per_module(*args: Any, **kwargs: Any) -> Any:
+            out = svd_merge(*args, **kwargs)  # args[4] is the LoRA layer being merged
+            recorded[names[id(args[4])]] = last.pop()
+            return out
+
+        with contextlib.ExitStack() as stack:
+            for f in PEFT_FUNCS:
+                stack.enter_context(patched(peft_lora_model, f, keep(getattr(peft_lora_model, f))))
+            attr = "_svd_generalized_task_arithmetic_weighted_adapter"
+            stack.enter_context(patched(lora_model, attr, per_module))
+            yield recorded
+
+
+# ----------------------------------------------------------------------------- one pair
+def run_pair(pair: Pair, lorafuse: LorafuseRunner, peft: PeftRunner) -> Result:
+    weights = get_method(pair.method).default_weight_list(len(lorafuse.adapters))
+    log(f"{pair.name} ...")
+    lf = measure(lambda: lorafuse.call(pair, weights), lambda _: None, lorafuse.recording)
+    lf_refs = lf.dense or lorafuse.reference(pair, weights)
+    lf_err = rel_error(lf_refs, {m: f.delta() for m, f in lf.output.items()})
+
+    pf = measure(lambda: peft.call(pair, weights), peft.delete, peft.recording)
+    peft_out = peft.deltas(pf.output, lorafuse.modules)
+    peft.delete(pf.output)
+    if pair.method.startswith("dare"):  # own random masks: compare with its own dense result
+        peft_err = rel_error(pf.dense, peft_out)
+    else:
+        check_same_math(pair, lf_refs, pf.dense)
+        peft_err = rel_error(lf_refs, peft_out)
+    return Result(pair, lf.seconds, pf.seconds, lf.peak_mb, pf.peak_mb, lf_err, peft_err)
+
+
+def check_same_math(
+    pair: Pair, refs: dict[str, torch.Tensor], peft_dense: dict[str, torch.Tensor]
+) -> None:
+    """Warn if PEFT's uncompressed merge is not lorafuse's (same math, up to rounding)."""
+    diff = rel_error(refs, peft_dense)
+    if diff > 1e-5:
+        log(f"WARNING {pair.name}: uncompressed results differ (relative {diff:.2e})")
+
+
+def warm_up(lorafuse: LorafuseRunner, peft: PeftRunner) -> None:
+    """One untimed call on each side (first-call costs: thread pools, allocator, kernels)."""
+    pair = PAIRS[0]
+    weights = get_method(pair.method).default_weight_list(len(lorafuse.adapters))
+    lorafuse.call(pair, weights)
+    peft.delete(peft.call(pair, weights))
+
+
+# ----------------------------------------------------------------------------- main
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ratio(peft_value: float, lf_value: float, floor: float = 1e-9) -> float:
+    return peft_value / max(lf_value, floor)
+
+
+def report(results: Sequence[Result]) -> None:
+    for r in results:
+        speed = ratio(r.peft_s, r.lf_s)
+        print(f"{r.pair.name}: ratio={speed:.2f} ({r.lf_s:.2f} s vs {r.peft_s:.2f} s)")
+    for r in results:
+        mem = ratio(r.peft_mb, r.lf_mb, MIN_MB)
+        print(f"mem_{r.pair.name}: ratio={mem:.2f} ({r.lf_mb:.1f} MB vs {r.peft_mb:.1f} MB)")
+    for r in results:
+        print(f"err_{r.pair.name}: lorafuse_err={r.lf_err:.4e} peft_err={r.peft_err:.4e}")
+
+
+def warn_if_busy(threads: int) -> None:
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > cores:
+        log(
+            f"note: load average {load:.1f} > {cores} cores; with --threads {threads} OpenMP "
+            "may spin-wait on busy cores and distort timings (try --threads 1)"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only linear and ties")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    configure_malloc()
+    torch.set_num_threads(args.threads)
+    warn_if_busy(args.threads)
+    pairs = [p for p in PAIRS if not args.quick or p.method in QUICK_METHODS]
+
+    base = load_base_model()
+    _, library = open_library(LIBRARY, kinds={"private"})
+    adapters = [InMemoryAdapter(a) for a in library.values()]
+    lorafuse = LorafuseRunner(adapters)
+    peft = PeftRunner(load_peft_model(base.model, library), list(library))
+    log(f"{len(adapters)} experts, {len(lorafuse.modules)} modules, {args.threads} threads")
+
+    with torch.no_grad():
+        warm_up(lorafuse, peft)
+        results = [run_pair(pair, lorafuse, peft) for pair in pairs]
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

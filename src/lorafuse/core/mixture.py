@@ -1,0 +1,129 @@
+"""The mixture-of-LoRA layer: ``W x + sum_k a_k(x) * B_k A_k x`` for K experts at once.
+
+Every fusion that mixes experts' weights is this layer with different mixing weights:
+a static merge (constant ``a``), learned merge coefficients (``a`` a parameter, global or
+per layer), routing (``a`` per example or per token, from a router). The experts' factors
+are stacked (ranks zero-padded to the largest, scalings folded into B) and applied with
+two einsums, so a batch whose items want different mixes is one batched computation and
+no merged weight is ever formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lorafuse.library import LoraAdapter, LoraFactors
+
+
+class Mixer(Protocol):
+    """Gives the mixing weights of one layer: shape (K,), (B, K) or (B, T, K)."""
+
+    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def stack_factors(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, r_max, d_in) A's and (K, d_out, r_max) scaled B's; zero padding adds nothing."""
+    r_max = max(f.rank for f in factors)
+    d_out, d_in = factors[0].d_out, factors[0].d_in
+    A = factors[0].A.new_zeros(len(factors), r_max, d_in)
+    B = factors[0].B.new_zeros(len(factors), d_out, r_max)
+    for k, f in enumerate(factors):
+        A[k, : f.rank] = f.A
+        B[k, :, : f.rank] = f.B * f.scaling
+    return A, B
+
+
+class MixtureLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus K LoRA experts mixed by weights from a shared mixer."""
+
+    def __init__(
+        self, base: nn.Linear, factors: Sequence[LoraFactors], layer: int, mixer: Mixer
+    ) -> None:
+        super().__init__()
+        self.base = base
+        A, B = stack_factors(factors)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.register_buffer("A", A.to(device, dtype), persistent=False)
+        self.register_buffer("B", B.to(device, dtype), persistent=False)
+        self.layer = layer
+        self.mixer = mixer  # a plain attribute: shared by all layers, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.mixer.weights(self.layer, x)
+        h = torch.einsum("...d,krd->...kr", x, self.A)  # (..., K, r)
+        h = h * _broadcast(a, x)[..., None]
+        return self.base(x) + torch.einsum("...kr,kor->...o", h, self.B)
+
+
+def _broadcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weights (K,), (B, K) or (B, T, K) shaped to broadcast against x's (..., K)."""
+    if a.dim() == 1 or a.dim() == x.dim():
+        return a
+    if a.dim() == 2 and x.dim() == 3:  # per example: same weights at every token
+        return a[:, None, :]
+    raise ValueError(f"mixing weights of shape {tuple(a.shape)} for inputs {tuple(x.shape)}")
+
+
+def layer_index(module: str) -> int:
+    """Decoder layer number in a module name such as ``model.layers.24.mlp.up_proj``."""
+    m = re.search(r"\.layers\.(\d+)\.", module)
+    return int(m.group(1)) if m else -1
+
+
+@contextlib.contextmanager
+def mixture_of_loras(
+    model: nn.Module, adapters: Sequence[LoraAdapter], mixer: Mixer
+) -> Iterator[dict[str, MixtureLinear]]:
+    """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit."""
+    swapped: dict[str, tuple[nn.Module, str, nn.Module]] = {}
+    layers: dict[str, MixtureLinear] = {}
+    try:
+        for module in adapters[0].module_names:
+            parent_name, _, child = module.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            factors = [a.factors(module) for a in adapters]
+            layers[module] = MixtureLinear(original, factors, layer_index(module), mixer)
+            swapped[module] = (parent, child, original)
+            setattr(parent, child, layers[module])
+        yield layers
+    finally:
+        for parent, child, original in swapped.values():
+            setattr(parent, child, original)
+
+
+class ConstantMixer(nn.Module):
+    """The same weights for every input: ``(K,)`` globally or ``(L, K)`` per layer.
+
+    With ``trainable=True`` the weights are a parameter: learned merge coefficients.
+    """
+
+    def __init__(
+        self, init: torch.Tensor, layers: Sequence[int] | None = None, trainable: bool = False
+    ) -> None:
+        super().__init__()
+        self.coef = nn.Parameter(init.clone().float(), requires_grad=trainable)
+        self.layer_pos = {layer: i for i, layer in enumerate(layers or [])}
+        if init.dim() == 2 and len(self.layer_pos) != init.shape[0]:
+            raise ValueError(f"{init.shape[0]} rows of weights for {len(self.layer_pos)} layers")
+
+    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.coef[self.layer_pos[layer]] if self.coef.dim() == 2 else self.coef
+
+
+class BatchMixer:
+    """Weights set per batch by the caller (a router): (B, K) or (B, T, K), or per layer."""
+
+    def __init__(self) -> None:
+        self.current: torch.Tensor | dict[int, torch.Tensor] | None = None
+
+    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.current is None:
+            raise RuntimeError("BatchMixer: no weights set for this batch")
+        return self.current[layer] if isinstance(self.current, dict) else self.current
