@@ -10,6 +10,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
+    from lorafuse.library import LoraAdapter
     from lorafuse.models import BaseModel
 
 TINY_LLAMA_CONFIG = dict(
@@ -50,6 +51,30 @@ def tiny_base(
     return BaseModel(
         model=tiny_llama, tokenizer=SimpleNamespace(pad_token_id=0), name="tiny", path=None
     )
+
+
+@pytest.fixture
+def tiny_experts(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> list[LoraAdapter]:
+    """Three adapters with different ranks and scalings on q/v/up of both layers."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafuse.library import LoraAdapter
+
+    root = tmp_path_factory.mktemp("experts")
+    out = []
+    for k, (r, alpha) in enumerate([(2, 4), (4, 4), (3, 9)]):
+        torch.manual_seed(10 + k)
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            init_lora_weights=False,
+        )
+        model = get_peft_model(tiny_llama, cfg)
+        model.save_pretrained(root / f"e{k}")
+        model.unload()
+        out.append(LoraAdapter.open(root / f"e{k}"))
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from lorafuse.core.mixture import BatchMixer, ConstantMixer, mixture_of_loras
 from lorafuse.library import LoraAdapter, save_adapter
@@ -17,22 +17,8 @@ IDS = torch.tensor([[3, 17, 9, 88, 41, 5], [7, 7, 2, 99, 31, 11], [1, 2, 3, 4, 5
 
 
 @pytest.fixture
-def experts(tiny_llama, tmp_path: Path) -> list[LoraAdapter]:
-    """Three adapters with different ranks and scalings on q/v/up of both layers."""
-    out = []
-    for k, (r, alpha) in enumerate([(2, 4), (4, 4), (3, 9)]):
-        torch.manual_seed(10 + k)
-        cfg = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            target_modules=["q_proj", "v_proj", "up_proj"],
-            init_lora_weights=False,
-        )
-        model = get_peft_model(tiny_llama, cfg)
-        model.save_pretrained(tmp_path / f"e{k}")
-        model.unload()
-        out.append(LoraAdapter.open(tmp_path / f"e{k}"))
-    return out
+def experts(tiny_experts) -> list[LoraAdapter]:
+    return tiny_experts
 
 
 def _peft_logits(model, path: Path) -> torch.Tensor:

@@ -35,14 +35,16 @@ CONFIG = TrainConfig(
 )
 
 
-def pattern_examples(n: int = 16, seed: int = 0) -> list[Encoded]:
+def pattern_examples(
+    n: int = 16, seed: int = 0, pattern: tuple[int, ...] = PATTERN
+) -> list[Encoded]:
     """Random prompts (4-8 tokens) all followed by the same answer tokens."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         length = int(torch.randint(4, 9, (1,), generator=gen))
         prompt = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
-        out.append(Encoded(tuple(prompt) + PATTERN, length))
+        out.append(Encoded(tuple(prompt) + pattern, length))
     return out
 
 

@@ -25,6 +25,15 @@ BaseOpt = Annotated[
     str, typer.Option("--base-model", help="Local HF causal LM folder, or 'embedded'.")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, sampling and init.")]
+MethodOpt = Annotated[
+    list[str] | None, typer.Option("--method", help="Fusion method (repeatable).")
+]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--param", help="KEY=VALUE for the method (repeatable).")
+]
+OracleOpt = Annotated[
+    bool, typer.Option("--oracle", help="Also score each expert on its task (oracle row).")
+]
 TasksOpt = Annotated[
     str, typer.Option("--tasks", help="'builtin' or a JSONL file of {task, prompt, answer}.")
 ]
@@ -83,8 +92,15 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     seed: SeedOpt = 0,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights.")] = False,
+    method: MethodOpt = None,
+    param: ParamOpt = None,
+    oracle: OracleOpt = False,
 ) -> None:
-    """Score the base model, one adapter, or every expert of a library on tasks."""
+    """Score the base model, one adapter, every expert of a library, or fusion methods
+    (``--method``, see ``lorafuse methods``) on tasks."""
+    if method:
+        _fusion(method, param, base_model, library, tasks, split, seed, out, oracle)
+        return
     from lorafuse.eval.run import evaluate_command
 
     results = evaluate_command(
@@ -99,6 +115,65 @@ def eval_cmd(
     )
     typer.echo(results["table"])
     typer.echo(f"wrote {out}")
+
+
+def _fusion(
+    methods: list[str],
+    params: list[str] | None,
+    base_model: str,
+    library: Path | None,
+    tasks: str,
+    split: str,
+    seed: int,
+    out: Path,
+    with_oracle: bool,
+) -> None:
+    from lorafuse.fusion.run import fusion_command, parse_params
+
+    results = fusion_command(
+        methods=methods,
+        params=parse_params(params or []),
+        base_model=base_model,
+        library=library,
+        tasks=tasks,
+        split=split,
+        seed=seed,
+        out=out,
+        with_oracle=with_oracle,
+    )
+    typer.echo(results["table"])
+    typer.echo(f"wrote {out}")
+
+
+def _family_command(family: str, default: str):
+    def command(
+        out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")],
+        method: MethodOpt = None,
+        param: ParamOpt = None,
+        library: Annotated[
+            Path | None, typer.Option(help="Library (default: the shipped one).")
+        ] = None,
+        base_model: BaseOpt = "embedded",
+        tasks: TasksOpt = "builtin",
+        split: Annotated[str, typer.Option(help="Split to score (fitting uses val).")] = "test",
+        seed: SeedOpt = 0,
+        oracle: OracleOpt = False,
+    ) -> None:
+        from lorafuse.errors import LorafuseError
+        from lorafuse.fusion import FUSION_METHODS
+
+        names = method or [default]
+        wrong = [m for m in names if m in FUSION_METHODS and FUSION_METHODS[m].family != family]
+        if wrong:
+            raise LorafuseError(f"{', '.join(wrong)}: not {family} methods (see lorafuse methods)")
+        _fusion(names, param, base_model, library, tasks, split, seed, out, oracle)
+
+    command.__doc__ = f"Run {family} methods on a library (default {default}); fit on val."
+    return command
+
+
+app.command("route")(_family_command("routing", "arrow"))
+app.command("ensemble")(_family_command("ensembling", "ensemble_prob"))
 
 
 @app.command()
@@ -141,14 +216,76 @@ def merge_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("learn-merge")
+def learn_merge_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
+    library: Annotated[
+        Path | None, typer.Option(help="Library (default: the shipped one).")
+    ] = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    split: Annotated[str, typer.Option(help="Split the coefficients are fitted on.")] = "val",
+    per_layer: Annotated[bool, typer.Option(help="One coefficient per expert per layer.")] = False,
+    objective: Annotated[
+        str, typer.Option(help="'loss' (answer tokens) or 'entropy' (no labels, AdaMerging).")
+    ] = "loss",
+    search: Annotated[
+        bool, typer.Option(help="LoRAHub: gradient-free search (Powell), loss + L1.")
+    ] = False,
+    steps: int = 40,
+    lr: float = 0.1,
+    seed: SeedOpt = 0,
+) -> None:
+    """Learn merge coefficients of the private experts on validation data; save the merge."""
+    from lorafuse.errors import LorafuseError
+    from lorafuse.merging.learned import learned_merge, save_learned_merge
+    from lorafuse.workspace import open_workspace
+
+    if objective not in ("loss", "entropy"):
+        raise LorafuseError(f"--objective must be 'loss' or 'entropy', got {objective!r}")
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    learned = learned_merge(
+        ws,
+        per_layer=per_layer,
+        objective=objective,  # type: ignore[arg-type]
+        search=search,
+        split=split,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+    )
+    config = {
+        "per_layer": per_layer,
+        "objective": objective,
+        "search": search,
+        "split": split,
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+    }
+    save_learned_merge(ws, learned, out, config)
+    typer.echo(f"coefficients: {learned.coef.numpy().round(3).tolist()}")
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def methods() -> None:
-    """List the registered merge methods (name, space, parameters, reference)."""
+    """List the merge methods (for merge configs) and the fusion methods (for --method)."""
+    import inspect
+
+    from lorafuse.fusion import FUSION_METHODS
     from lorafuse.merging import MERGE_METHODS
 
+    typer.echo(
+        "merge methods (lorafuse merge CONFIG; lorafuse eval --method merge --param method=NAME):"
+    )
     for m in MERGE_METHODS.values():
         params = ", ".join(m.params.model_fields)
-        typer.echo(f"{m.name:16} {m.space:8} {m.summary}  [{params}]  {m.url}")
+        typer.echo(f"  {m.name:16} {m.space:8} {m.summary}  [{params}]  {m.url}")
+    typer.echo("fusion methods (lorafuse eval/route/ensemble --method NAME --param KEY=VALUE):")
+    for f in FUSION_METHODS.values():
+        params = [p for p in inspect.signature(f.build).parameters if p not in ("ws", "seed")]
+        typer.echo(f"  {f.name:18} {f.family:10} {f.summary}  [{', '.join(params)}]")
 
 
 def main() -> None:

@@ -5,27 +5,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lorafuse.core.encode import encode_examples
-from lorafuse.core.states import StateCache
 from lorafuse.eval.report import markdown_table, plot_methods, plot_task_heatmap
 from lorafuse.eval.run import (
     BASE_ROW,
     ORACLE_ROW,
-    choose_split,
     oracle,
     score_rows,
     summaries_of,
     versions,
 )
 from lorafuse.io import atomic_write_json, atomic_write_text
-from lorafuse.library import check_compatible, check_weights, open_library, save_adapter
+from lorafuse.library import save_adapter
 from lorafuse.merging import merge
+from lorafuse.merging.learned import learned_merge, save_learned_merge
 from lorafuse.models import load_base_model
 from lorafuse.tasks import builtin_suite
 from lorafuse.training.config import TrainConfig
 from lorafuse.training.library import MULTITASK, train_library
+from lorafuse.workspace import DEFAULT_LIBRARY, open_workspace
 
-DEFAULT_LIBRARY = Path(__file__).resolve().parent / "data" / "default_library"
+__all__ = ["DEFAULT_LIBRARY", "run_demo"]
+
 # The command that built the shipped library (see README):
 #   lorafuse train --out src/lorafuse/data/default_library --seed 0 --steps 100 \
 #       --multitask-steps 300
@@ -38,6 +38,9 @@ DEMO_MERGES: dict[str, tuple[str, dict]] = {
     "ties": ("ties", {"density": 0.2, "scale": 1.0}),
     "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
 }
+# Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
+LEARNED_MERGES: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
+LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
 
 
 def run_demo(
@@ -48,19 +51,18 @@ def run_demo(
     base_model: str = "embedded",
     seed: int = 0,
 ) -> dict:
-    """Evaluate base, multi-task, oracle and static merges; print and write the report."""
+    """Evaluate base, multi-task, oracle, static and learned merges; print and write the report."""
     started = time.perf_counter()
     out = Path(out)
-    base = load_base_model(base_model)
-    suite = builtin_suite(seed=seed)
     timings: dict[str, float] = {}
+    base = load_base_model(base_model)
     if retrain:
         library = out / "library"
         t0 = time.perf_counter()
         config = TrainConfig(steps=RETRAIN["steps"], seed=seed)
         train_library(
             base,
-            suite,
+            builtin_suite(seed=seed),
             library,
             config,
             multitask_steps=RETRAIN["multitask_steps"],
@@ -68,16 +70,13 @@ def run_demo(
         )
         timings["retrain_s"] = time.perf_counter() - t0
         print(f"retrained the library in {timings['retrain_s'] / 60:.1f} min -> {library}")
-    library = Path(library or DEFAULT_LIBRARY)
-    manifest, adapters = open_library(library)
-    check_compatible(list(adapters.values()), base_model=base.model)
-    check_weights(list(adapters.values()))
-    private = {e.name: e for e in manifest.experts if e.kind == "private"}
-    expert_of = {e.tasks[0]: e.name for e in private.values()}
+    ws = open_workspace(base=base, library=library, seed=seed)
+    library, manifest, adapters, cache = ws.library, ws.manifest, ws.adapters, ws.cache
+    private = ws.private
+    suite = ws.suite
 
-    examples = suite.get("test")
-    encoded = encode_examples(base.tokenizer, examples)
-    cache = StateCache(base, choose_split(base, list(adapters.values())))
+    examples = ws.examples("test")
+    encoded = ws.encoded("test")
     t0 = time.perf_counter()
     cache.get(encoded, desc="test states (once, shared by all methods)")
     timings["state_cache_s"] = time.perf_counter() - t0
@@ -85,7 +84,7 @@ def run_demo(
     t0 = time.perf_counter()
     merged_dirs = {}
     for row, (method, params) in DEMO_MERGES.items():
-        factors = merge([adapters[n] for n in private], method, progress=False, **params)
+        factors = merge(list(private.values()), method, progress=False, **params)
         merged_dirs[row] = save_adapter(
             out / "merged" / row,
             factors,
@@ -93,9 +92,14 @@ def run_demo(
             readme=f"lorafuse demo merge of the private experts: {method} {params}\n",
         )
     timings["merging_s"] = time.perf_counter() - t0
-    subsets = {
-        n: [i for i, ex in enumerate(examples) if ex.task in private[n].tasks] for n in private
-    }
+    t0 = time.perf_counter()
+    for row, per_layer in LEARNED_MERGES.items():
+        config = {"per_layer": per_layer, "split": "val", "seed": seed, **LEARN_SETTINGS}
+        learned = learned_merge(ws, per_layer=per_layer, seed=seed, **LEARN_SETTINGS)
+        merged_dirs[row] = save_learned_merge(ws, learned, out / "merged" / row, config)
+    timings["learned_merges_s"] = time.perf_counter() - t0
+    tasks_of = {e.name: e.tasks for e in manifest.experts}
+    subsets = {n: [i for i, ex in enumerate(examples) if ex.task in tasks_of[n]] for n in private}
     t0 = time.perf_counter()
     rows = score_rows(
         base,
@@ -109,8 +113,8 @@ def run_demo(
         subsets=subsets,
     )
     timings["evaluation_s"] = time.perf_counter() - t0
-    rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
-    order = [BASE_ROW, MULTITASK, ORACLE_ROW, *DEMO_MERGES]
+    rows[ORACLE_ROW] = oracle(examples, rows, ws.expert_of)
+    order = [BASE_ROW, MULTITASK, ORACLE_ROW, *DEMO_MERGES, *LEARNED_MERGES]
     summaries = summaries_of(examples, {k: rows[k] for k in order}, reference=rows[ORACLE_ROW])
     timings["total_s"] = time.perf_counter() - started
 

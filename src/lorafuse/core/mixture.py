@@ -13,18 +13,44 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from lorafuse.library import LoraAdapter, LoraFactors
+from lorafuse.library import LoraFactors
 
 
 class Mixer(Protocol):
-    """Gives the mixing weights of one layer: shape (K,), (B, K) or (B, T, K)."""
+    """Gives the mixing weights of one adapted module for its input ``x`` (B, T, d_in):
+    shape (K,), (B, K) or (B, T, K). ``module`` carries ``name``, ``layer``, ``A``, ``B``."""
 
-    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class FactorSource(Protocol):
+    """Anything with LoRA factors per module: a :class:`LoraAdapter` or a :class:`FactorSet`."""
+
+    @property
+    def module_names(self) -> list[str]: ...
+
+    def factors(self, module: str) -> LoraFactors: ...
+
+
+@dataclass
+class FactorSet:
+    """LoRA factors held in memory (a merge, a shared or exclusive delta) under a name."""
+
+    name: str
+    modules: dict[str, LoraFactors]
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.modules)
+
+    def factors(self, module: str) -> LoraFactors:
+        return self.modules[module]
 
 
 def stack_factors(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,19 +69,20 @@ class MixtureLinear(nn.Module):
     """A frozen ``nn.Linear`` plus K LoRA experts mixed by weights from a shared mixer."""
 
     def __init__(
-        self, base: nn.Linear, factors: Sequence[LoraFactors], layer: int, mixer: Mixer
+        self, base: nn.Linear, factors: Sequence[LoraFactors], name: str, mixer: Mixer
     ) -> None:
         super().__init__()
         self.base = base
+        self.name = name
+        self.layer = layer_index(name)
         A, B = stack_factors(factors)
         device, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("A", A.to(device, dtype), persistent=False)
         self.register_buffer("B", B.to(device, dtype), persistent=False)
-        self.layer = layer
         self.mixer = mixer  # a plain attribute: shared by all layers, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.mixer.weights(self.layer, x)
+        a = self.mixer.weights(self, x)
         h = torch.einsum("...d,krd->...kr", x, self.A)  # (..., K, r)
         h = h * _broadcast(a, x)[..., None]
         return self.base(x) + torch.einsum("...kr,kor->...o", h, self.B)
@@ -78,9 +105,12 @@ def layer_index(module: str) -> int:
 
 @contextlib.contextmanager
 def mixture_of_loras(
-    model: nn.Module, adapters: Sequence[LoraAdapter], mixer: Mixer
+    model: nn.Module, adapters: Sequence[FactorSource], mixer: Mixer
 ) -> Iterator[dict[str, MixtureLinear]]:
-    """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit."""
+    """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit.
+
+    The modules are those of the first source; every source must have them all.
+    """
     swapped: dict[str, tuple[nn.Module, str, nn.Module]] = {}
     layers: dict[str, MixtureLinear] = {}
     try:
@@ -89,7 +119,7 @@ def mixture_of_loras(
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
             factors = [a.factors(module) for a in adapters]
-            layers[module] = MixtureLinear(original, factors, layer_index(module), mixer)
+            layers[module] = MixtureLinear(original, factors, module, mixer)
             swapped[module] = (parent, child, original)
             setattr(parent, child, layers[module])
         yield layers
@@ -113,8 +143,8 @@ class ConstantMixer(nn.Module):
         if init.dim() == 2 and len(self.layer_pos) != init.shape[0]:
             raise ValueError(f"{init.shape[0]} rows of weights for {len(self.layer_pos)} layers")
 
-    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.coef[self.layer_pos[layer]] if self.coef.dim() == 2 else self.coef
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+        return self.coef[self.layer_pos[module.layer]] if self.coef.dim() == 2 else self.coef
 
 
 class BatchMixer:
@@ -123,7 +153,9 @@ class BatchMixer:
     def __init__(self) -> None:
         self.current: torch.Tensor | dict[int, torch.Tensor] | None = None
 
-    def weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
         if self.current is None:
             raise RuntimeError("BatchMixer: no weights set for this batch")
-        return self.current[layer] if isinstance(self.current, dict) else self.current
+        if isinstance(self.current, dict):
+            return self.current[module.layer]
+        return self.current

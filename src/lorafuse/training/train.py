@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from lorafuse.core.encode import Encoded, collate
+from lorafuse.core.fit import batch_indices, per_example_nll
 from lorafuse.core.forward import num_layers, target_logits
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.io import atomic_dir, atomic_path
@@ -45,15 +45,6 @@ def lora_config(config: TrainConfig, base: BaseModel) -> LoraConfig:
     )
 
 
-def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Example indices of a step: epochs are seeded permutations, a pure function of step."""
-    per_epoch = max(1, n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    return perm[offset * batch_size : (offset + 1) * batch_size].tolist()
-
-
 def answer_loss(
     model: torch.nn.Module,
     states: Sequence[torch.Tensor],
@@ -65,11 +56,7 @@ def answer_loss(
     batch = collate(encoded, pad_id)
     device = next(model.parameters()).device
     logits = target_logits(model, pad_states(states).to(device), batch, split)
-    nll = F.cross_entropy(logits, batch.targets.to(device), reduction="none")
-    per_example = torch.zeros(len(encoded), device=device).index_add_(
-        0, batch.rows.to(device), nll
-    ) / torch.tensor([e.n_targets for e in encoded], device=device)
-    return per_example.mean()
+    return per_example_nll(logits, batch).mean()
 
 
 @dataclass

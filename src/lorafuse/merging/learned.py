@@ -1,0 +1,237 @@
+"""Merge coefficients learned on validation data, then exported as one exact LoRA.
+
+* gradient descent (DAM / AdaMerging style): the mixture-of-LoRA layer applies
+  ``W x + sum_k c_k B_k A_k x`` with ``c`` a parameter, one per expert (global) or one per
+  expert per layer, so gradients reach the coefficients without forming merged weights.
+  Objective: the answer-token loss, or (``objective="entropy"``, AdaMerging) the entropy
+  of the next-token distribution where the answer starts, which needs no labels;
+* gradient-free search (LoRAHub style): validation loss + ``l1 * sum |c_k|`` minimised
+  by scipy's Powell method within bounds.
+
+The coefficients then give an exact full-rank merge (``concat_factors`` per module, with
+the module's layer's weights), which ``save_adapter`` writes as a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize
+from tqdm.auto import tqdm
+
+from lorafuse.core.encode import Batch, Encoded, collate
+from lorafuse.core.fit import BatchLoss, fit_parameters, per_example_nll
+from lorafuse.core.forward import target_logits
+from lorafuse.core.mixture import ConstantMixer, layer_index, mixture_of_loras
+from lorafuse.core.states import StateCache, pad_states
+from lorafuse.io import atomic_write_json
+from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
+from lorafuse.merging.linear import concat_factors
+
+if TYPE_CHECKING:
+    from lorafuse.workspace import Workspace
+
+Objective = Literal["loss", "entropy"]
+
+
+@dataclass
+class LearnedCoefficients:
+    """Coefficients (K,) or (L, K) over ``layers``, and the objective per step."""
+
+    coef: torch.Tensor
+    layers: list[int]
+    history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_factors(self, adapters: Sequence[LoraAdapter]) -> dict[str, LoraFactors]:
+        """The exact merge these coefficients define, one module at a time."""
+        pos = {layer: i for i, layer in enumerate(self.layers)}
+        out = {}
+        for module in adapters[0].module_names:
+            w = self.coef[pos[layer_index(module)]] if self.coef.dim() == 2 else self.coef
+            out[module] = concat_factors([a.factors(module) for a in adapters], w.tolist())
+        return out
+
+
+def adapted_layers(adapters: Sequence[LoraAdapter]) -> list[int]:
+    return sorted({layer_index(m) for m in adapters[0].module_names})
+
+
+def objective_value(
+    model: torch.nn.Module,
+    states: Sequence[torch.Tensor],
+    encoded: Sequence[Encoded],
+    split: int,
+    pad_id: int,
+    objective: Objective,
+) -> torch.Tensor:
+    """Mean answer NLL per example, or mean entropy at each example's first answer position."""
+    batch = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    return batch_objective(model, split, objective)(pad_states(states).to(device), batch).mean()
+
+
+def batch_objective(model: torch.nn.Module, split: int, objective: Objective) -> BatchLoss:
+    """Per-example answer NLL, or entropy of the next-token distribution at the first answer
+    position (no labels needed)."""
+
+    def loss(states: torch.Tensor, batch: Batch) -> torch.Tensor:
+        logits = target_logits(model, states, batch, split)
+        if objective == "loss":
+            return per_example_nll(logits, batch)
+        first = torch.ones_like(batch.rows, dtype=torch.bool)
+        first[1:] = batch.rows[1:] != batch.rows[:-1]
+        logp = F.log_softmax(logits[first.to(logits.device)], dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    return loss
+
+
+def learn_coefficients(
+    model: torch.nn.Module,
+    adapters: Sequence[LoraAdapter],
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    *,
+    per_layer: bool = False,
+    objective: Objective = "loss",
+    steps: int = 40,
+    lr: float = 0.1,
+    batch_size: int = 16,
+    seed: int = 0,
+    init: float | None = None,
+    progress: bool = True,
+) -> LearnedCoefficients:
+    """Gradient descent on merge coefficients (init 1/K each) over validation examples."""
+    started = time.perf_counter()
+    k, layers = len(adapters), adapted_layers(adapters)
+    start = torch.full((len(layers), k) if per_layer else (k,), init or 1.0 / k)
+    mixer = ConstantMixer(start, layers=layers if per_layer else None, trainable=True)
+    with mixture_of_loras(model, adapters, mixer):
+        history = fit_parameters(
+            mixer.parameters(),
+            batch_objective(model, cache.split, objective),
+            encoded,
+            cache,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            desc="learn coefficients",
+            progress=progress,
+        )
+    return LearnedCoefficients(
+        mixer.coef.detach().clone(), layers, history, time.perf_counter() - started
+    )
+
+
+@torch.no_grad()
+def search_coefficients(
+    model: torch.nn.Module,
+    adapters: Sequence[LoraAdapter],
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    *,
+    l1: float = 0.05,
+    bounds: tuple[float, float] = (-1.5, 1.5),
+    max_evals: int = 60,
+    progress: bool = True,
+) -> LearnedCoefficients:
+    """LoRAHub: derivative-free search (Powell) of global coefficients, loss + L1 penalty."""
+    started = time.perf_counter()
+    k = len(adapters)
+    mixer = ConstantMixer(torch.full((k,), 1.0 / k))
+    states = cache.get(encoded, desc="coefficients: states")
+    pad = cache.base.tokenizer.pad_token_id
+    history: list[float] = []
+    bar = tqdm(total=max_evals, desc="search coefficients", disable=not progress)
+
+    def loss(w: np.ndarray) -> float:
+        mixer.coef.data = torch.as_tensor(w, dtype=torch.float32)
+        value = objective_value(model, states, encoded, cache.split, pad, "loss").item()
+        value += l1 * float(np.abs(w).sum())
+        history.append(round(value, 5))
+        bar.update(1)
+        return value
+
+    with mixture_of_loras(model, adapters, mixer):
+        result = minimize(
+            loss,
+            np.full(k, 1.0 / k),
+            method="Powell",
+            bounds=[bounds] * k,
+            options={"maxfev": max_evals, "xtol": 1e-2, "ftol": 1e-3},
+        )
+    bar.close()
+    coef = torch.as_tensor(result.x, dtype=torch.float32)
+    return LearnedCoefficients(
+        coef, adapted_layers(adapters), history, time.perf_counter() - started
+    )
+
+
+def learned_merge(
+    ws: Workspace,
+    *,
+    per_layer: bool = False,
+    objective: Objective = "loss",
+    search: bool = False,
+    split: str = "val",
+    steps: int = 40,
+    lr: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> LearnedCoefficients:
+    """Coefficients of the workspace's private experts, learned on ``split`` (gradient
+    descent, or LoRAHub search with ``search=True``, which is global and loss-only)."""
+    experts = list(ws.private.values())
+    encoded = ws.encoded(split)
+    if search:
+        return search_coefficients(ws.base.model, experts, encoded, ws.cache, progress=progress)
+    return learn_coefficients(
+        ws.base.model,
+        experts,
+        encoded,
+        ws.cache,
+        per_layer=per_layer,
+        objective=objective,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def save_learned_merge(
+    ws: Workspace, learned: LearnedCoefficients, out: str | Path, config: dict
+) -> Path:
+    """Write the exact merge as a PEFT adapter plus ``coefficients.json`` (atomically)."""
+    experts = list(ws.private)
+    card = (
+        f"# Learned merge of {len(experts)} experts\n\nMade with lorafuse: {config}\n\n"
+        "Coefficients (rows = layers when per layer): see `coefficients.json`.\n"
+    )
+    out = save_adapter(
+        out,
+        learned.to_factors(list(ws.private.values())),
+        base_model=ws.base.name,
+        readme=card,
+    )
+    atomic_write_json(
+        out / "coefficients.json",
+        {
+            "experts": experts,
+            "layers": learned.layers,
+            "coefficients": learned.coef.tolist(),
+            "objective_history": learned.history,
+            "seconds": learned.seconds,
+            "config": config,
+        },
+    )
+    return out
