@@ -1,0 +1,111 @@
+"""A fusion method, ready to run: factor sources on the mixture core, a mixer, and how a
+batch gets its weights.
+
+* merges: one source (the merged factors) or K sources with constant weights;
+* routers: K sources, weights per example (set by ``route`` before the forward, from the
+  prompt) or per token (the mixer computes them from each module's or layer's input);
+* ensembles: K sources, each batch item replicated K times with one-hot weights, the K
+  output distributions combined (``ensemble``).
+
+Scoring, training and generation all go through :func:`installed`, which swaps the
+adapted linears for mixture layers and yields a log-probability function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafuse.core.encode import Batch
+from lorafuse.core.forward import target_logits
+from lorafuse.core.mixture import BatchMixer, FactorSource, Mixer, mixture_of_loras
+from lorafuse.eval.harness import ExampleScores, LogProbFn, score_examples
+
+# (model, states (B, T, H), batch) -> None: sets the mixer's weights for this batch
+RouteFn = Callable[[nn.Module, torch.Tensor, Batch], None]
+# model -> context manager (hooks that live while the mixture is installed)
+HookFn = Callable[[nn.Module], contextlib.AbstractContextManager]
+
+
+@dataclass
+class Ensemble:
+    """Combine the K sources' next-token distributions: mixture of probabilities
+    (``mode="prob"``) or softmax of the weighted mean of logits (``"logit"``)."""
+
+    weights: torch.Tensor  # (K,), non-negative, sums to 1
+    mode: str = "prob"
+
+
+@dataclass
+class Fusion:
+    """Everything needed to run one fusion method on the base model."""
+
+    name: str
+    family: str  # "merging" | "ensembling" | "routing"
+    sources: list[FactorSource]
+    mixer: Mixer
+    route: RouteFn | None = None
+    hooks: HookFn | None = None
+    ensemble: Ensemble | None = None
+    info: dict = field(default_factory=dict)  # parameters, training time, weights
+
+
+@contextlib.contextmanager
+def installed(model: nn.Module, fusion: Fusion, split: int) -> Iterator[LogProbFn]:
+    """The mixture layers in ``model`` for a while; yields (states, batch) -> log-probs."""
+    hooks = fusion.hooks(model) if fusion.hooks else contextlib.nullcontext()
+    with mixture_of_loras(model, fusion.sources, fusion.mixer), hooks:
+
+        def log_probs(states: torch.Tensor, batch: Batch) -> torch.Tensor:
+            if fusion.ensemble is not None:
+                return ensemble_log_probs(model, fusion, states, batch, split)
+            if fusion.route is not None:
+                fusion.route(model, states, batch)
+            return F.log_softmax(target_logits(model, states, batch, split), dim=-1)
+
+        yield log_probs
+
+
+def ensemble_log_probs(
+    model: nn.Module, fusion: Fusion, states: torch.Tensor, batch: Batch, split: int
+) -> torch.Tensor:
+    """All K experts in one batched pass (rows replicated, one-hot weights), then combined."""
+    assert fusion.ensemble is not None and isinstance(fusion.mixer, BatchMixer)
+    k, b = len(fusion.sources), states.shape[0]
+    fusion.mixer.current = torch.eye(k, device=states.device).repeat_interleave(b, 0)
+    wide = Batch(
+        input_ids=batch.input_ids.repeat(k, 1),
+        lengths=batch.lengths.repeat(k),
+        rows=torch.cat([batch.rows + j * b for j in range(k)]),
+        positions=batch.positions.repeat(k),
+        targets=batch.targets.repeat(k),
+        example_index=batch.example_index.repeat(k),
+    )
+    logits = target_logits(model, states.repeat(k, 1, 1), wide, split)
+    logits = logits.view(k, len(batch.targets), -1)
+    w = fusion.ensemble.weights.to(logits.device)
+    if fusion.ensemble.mode == "logit":
+        return F.log_softmax(torch.einsum("k,knv->nv", w, logits), dim=-1)
+    log_w = torch.log(w.clamp(min=1e-12))[:, None, None]
+    return torch.logsumexp(F.log_softmax(logits, dim=-1) + log_w, dim=0)
+
+
+def prompt_mean(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of each row's hidden states over its prompt tokens: (B, T, H) -> (B, H)."""
+    b, t = hidden.shape[:2]
+    first_target = torch.full((b,), t, dtype=torch.long)
+    first_target = first_target.scatter_reduce(0, batch.rows, batch.positions + 1, reduce="amin")
+    mask = torch.arange(t)[None, :] < first_target[:, None]
+    mask = mask.to(hidden.device, hidden.dtype)[..., None]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def evaluate(model: nn.Module, fusion: Fusion, encoded, cache) -> ExampleScores:
+    """Per-example loss and greedy exact match of a fusion method (no gradients)."""
+    with installed(model, fusion, cache.split) as log_probs:
+        return score_examples(log_probs, encoded, cache)

@@ -1,0 +1,310 @@
+"""Every fusion method by name: a builder from a workspace (+ parameters) to a :class:`Fusion`.
+
+Builders that learn something (coefficients, routers, ensemble weights) fit it on the
+validation split of the workspace's tasks; the private experts are the library fused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafuse.core.fit import fit_parameters, per_example_nll
+from lorafuse.core.mixture import (
+    BatchMixer,
+    ConstantMixer,
+    FactorSet,
+    layer_index,
+    mixture_of_loras,
+)
+from lorafuse.errors import LorafuseError
+from lorafuse.fusion.base import Ensemble, Fusion, installed
+from lorafuse.fusion.hc import cluster_experts, merged_clusters
+from lorafuse.fusion.routers import ArrowRouter, LayerRouter
+from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
+from lorafuse.fusion.twin import twin_sources as make_twin_sources
+from lorafuse.merging import merge
+from lorafuse.merging.learned import learned_merge
+from lorafuse.workspace import Workspace
+
+VAL = "val"
+
+
+def static_merge(ws: Workspace, *, method: str = "linear", seed: int = 0, **params) -> Fusion:
+    """Any registered merge method (see ``lorafuse methods``) as one source."""
+    if "seed" in params or method.startswith("dare"):
+        params.setdefault("seed", seed)
+    factors = merge(list(ws.private.values()), method, progress=False, **params)
+    return Fusion(
+        f"merge:{method}",
+        "merging",
+        [FactorSet(method, factors)],
+        ConstantMixer(torch.ones(1)),
+        info={"method": method, **params},
+    )
+
+
+def learned_coefficients(
+    ws: Workspace,
+    *,
+    per_layer: bool = False,
+    objective: str = "loss",
+    search: bool = False,
+    steps: int = 40,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> Fusion:
+    """Merge coefficients learned on validation data (gradient descent or LoRAHub search)."""
+    learned = learned_merge(
+        ws,
+        per_layer=per_layer,
+        objective=objective,  # type: ignore[arg-type]
+        search=search,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        progress=False,
+    )
+    mixer = ConstantMixer(learned.coef, layers=learned.layers if per_layer else None)
+    return Fusion(
+        "learned",
+        "merging",
+        list(ws.private.values()),
+        mixer,
+        info={"train_s": learned.seconds, "coefficients": learned.coef.tolist()},
+    )
+
+
+def ensemble(
+    ws: Workspace,
+    *,
+    mode: str = "prob",
+    learn: bool = False,
+    steps: int = 30,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> Fusion:
+    """Average the experts' outputs (probabilities or logits), uniform or learned weights."""
+    if mode not in ("prob", "logit"):
+        raise LorafuseError(f"ensemble mode must be 'prob' or 'logit', got {mode!r}")
+    k = len(ws.private)
+    fusion = Fusion(
+        f"ensemble:{mode}",
+        "ensembling",
+        list(ws.private.values()),
+        BatchMixer(),
+        ensemble=Ensemble(torch.full((k,), 1.0 / k), mode),
+    )
+    if learn:
+        theta = torch.nn.Parameter(torch.zeros(k))
+        started = time.perf_counter()
+        model = ws.base.model
+        with installed(model, fusion, ws.cache.split) as log_probs:
+
+            def loss(states, batch):
+                fusion.ensemble.weights = F.softmax(theta, 0)
+                return per_example_nll(log_probs(states, batch), batch, log_probs=True)
+
+            fit_parameters(
+                [theta],
+                loss,
+                ws.encoded(VAL),
+                ws.cache,
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                batch_size=8,
+                desc="ensemble weights",
+            )
+        fusion.ensemble.weights = F.softmax(theta.detach(), 0)
+        fusion.info = {
+            "train_s": time.perf_counter() - started,
+            "weights": fusion.ensemble.weights.tolist(),
+        }
+    return fusion
+
+
+def arrow(ws: Workspace, *, top_k: int = 2, temperature: float = 0.1, seed: int = 0) -> Fusion:
+    """Arrow routing over the private experts (per token, per module, training-free)."""
+    return Fusion(
+        "arrow",
+        "routing",
+        list(ws.private.values()),
+        ArrowRouter(top_k=top_k, temperature=temperature),
+        info={"top_k": top_k, "temperature": temperature},
+    )
+
+
+def learned_router(ws: Workspace, *, steps: int = 60, lr: float = 0.01, seed: int = 0) -> Fusion:
+    """A linear router per layer (per token), trained on validation loss, experts frozen."""
+    experts = list(ws.private.values())
+    layers = sorted({layer_index(m) for m in experts[0].module_names})
+    hidden = ws.base.model.config.hidden_size
+    torch.manual_seed(seed)
+    router = LayerRouter(layers, hidden, len(experts))
+    fusion = Fusion("learned_router", "routing", experts, router, hooks=router.hooked)
+    started = time.perf_counter()
+    with installed(ws.base.model, fusion, ws.cache.split) as log_probs:
+        fit_parameters(
+            router.parameters(),
+            lambda s, b: per_example_nll(log_probs(s, b), b, log_probs=True),
+            ws.encoded(VAL),
+            ws.cache,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            desc="learned router",
+        )
+    router.requires_grad_(False)
+    fusion.info = {"train_s": time.perf_counter() - started, "steps": steps, "lr": lr}
+    return fusion
+
+
+def twin(
+    ws: Workspace,
+    *,
+    shared: str = "task_arithmetic",
+    scale: float = 0.3,
+    rank: int = 32,
+    max_per_task: int = 1000,
+    epochs: int = 300,
+    group: bool = False,
+    groups_per_bin: int = 2,
+    seed: int = 0,
+) -> Fusion:
+    """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router)."""
+    started = time.perf_counter()
+    experts = list(ws.private.values())
+    params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
+    sources = make_twin_sources(experts, shared_method=shared, shared_params=params, rank=rank)
+    n = len(sources)
+    mixer = BatchMixer()
+    model, split = ws.base.model, ws.cache.split
+    val_examples, val_encoded = ws.examples(VAL), ws.encoded(VAL)
+    order = list(ws.private)
+    keep = _cap_per_task([ex.task for ex in val_examples], max_per_task)
+    labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
+    with mixture_of_loras(model, sources, mixer):
+        feats = feature_table(model, mixer, n, [val_encoded[i] for i in keep], ws.cache)
+    router = train_router(feats, labels, n - 1, epochs=epochs, seed=seed)
+    groups = None
+    if group:
+        with torch.no_grad():
+            val_w = F.softmax(router(feats), -1).numpy()
+        groups = GroupWeights(val_w, groups_per_bin, seed)
+
+    def route(model, states, batch) -> None:
+        f = shared_features(model, mixer, n, states, batch, split)
+        with torch.no_grad():
+            w = F.softmax(router(f.cpu()), -1)
+        if groups is not None:
+            w = torch.as_tensor(groups(w.numpy()), dtype=w.dtype)
+        mixer.current = torch.cat([torch.ones(len(w), 1), w], 1).to(states.device)
+
+    with torch.no_grad():
+        val_acc = float((router(feats).argmax(-1) == labels).float().mean())
+    return Fusion(
+        "twin_group" if group else "twin",
+        "routing",
+        sources,
+        mixer,
+        route=route,
+        info={
+            "train_s": time.perf_counter() - started,
+            "router_val_accuracy": val_acc,
+            "shared": shared,
+            "scale": scale,
+            "rank": rank,
+        },
+    )
+
+
+def hierarchical(
+    ws: Workspace,
+    *,
+    n_clusters: int = 4,
+    top_k: int = 1,
+    temperature: float = 0.1,
+    seed: int = 0,
+) -> Fusion:
+    """HC: cluster experts by delta similarity, merge each cluster, route by Arrow."""
+    experts = list(ws.private.values())
+    clusters = cluster_experts(experts, n_clusters)
+    sources = merged_clusters(experts, clusters)
+    names = list(ws.private)
+    return Fusion(
+        "hc_arrow",
+        "routing",
+        sources,
+        ArrowRouter(top_k=top_k, temperature=temperature),
+        info={"clusters": [[names[i] for i in c] for c in clusters]},
+    )
+
+
+def _cap_per_task(tasks: list[str], cap: int) -> list[int]:
+    seen: dict[str, int] = {}
+    keep = []
+    for i, t in enumerate(tasks):
+        if seen.get(t, 0) < cap:
+            keep.append(i)
+            seen[t] = seen.get(t, 0) + 1
+    return keep
+
+
+@dataclass(frozen=True)
+class FusionMethod:
+    name: str
+    family: str
+    build: Callable[..., Fusion]
+    defaults: dict[str, Any]
+    summary: str
+
+
+def _method(name: str, family: str, build: Callable[..., Fusion], **defaults: Any):
+    doc = (build.__doc__ or "").strip().splitlines()[0]
+    return FusionMethod(name, family, build, defaults, doc)
+
+
+FUSION_METHODS: dict[str, FusionMethod] = {
+    m.name: m
+    for m in [
+        _method("merge", "merging", static_merge),
+        _method("learned_global", "merging", learned_coefficients),
+        _method("learned_per_layer", "merging", learned_coefficients, per_layer=True),
+        _method("lorahub", "merging", learned_coefficients, search=True),
+        _method("ensemble_prob", "ensembling", ensemble, mode="prob"),
+        _method("ensemble_logit", "ensembling", ensemble, mode="logit"),
+        _method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),
+        _method("arrow", "routing", arrow),
+        _method("learned_router", "routing", learned_router),
+        _method("twin", "routing", twin),
+        _method("twin_group", "routing", twin, group=True),
+        _method("hc_arrow", "routing", hierarchical),
+    ]
+}
+
+
+def build_fusion(ws: Workspace, name: str, *, seed: int = 0, **params: Any) -> Fusion:
+    """Build the named method with its defaults overridden by ``params``; one-line errors."""
+    if name not in FUSION_METHODS:
+        raise LorafuseError(f"unknown fusion method {name!r} (have: {', '.join(FUSION_METHODS)})")
+    spec = FUSION_METHODS[name]
+    allowed = set(inspect.signature(spec.build).parameters) - {"ws"}
+    unknown = set(params) - allowed
+    if unknown and spec.build is not static_merge:
+        raise LorafuseError(
+            f"{name}: unknown parameter(s) {', '.join(sorted(unknown))} "
+            f"(have: {', '.join(sorted(allowed - {'seed'}))})"
+        )
+    fusion = spec.build(ws, seed=seed, **{**spec.defaults, **params})
+    fusion.name = name if name != "merge" else fusion.name
+    return fusion
+
+
+__all__ = ["FUSION_METHODS", "FusionMethod", "build_fusion"]

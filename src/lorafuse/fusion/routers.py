@@ -1,0 +1,97 @@
+"""Routers: mixers that compute the experts' weights from the inputs.
+
+* :class:`ArrowRouter` (Ostapenko et al. 2024, "Towards modular LLMs by building and reusing
+  a library of LoRAs"): per adapted module, each expert's prototype is the top right-singular
+  vector of its ``B A`` (from the factors, no dense matrix); per token, logits ``|v_k . x|``
+  (sign-agnostic), top-k, softmax with a temperature. Training-free.
+* :class:`LayerRouter`: a linear router per decoder layer on that layer's input hidden
+  states (per token), trained by gradient descent with the experts frozen. Zero-initialised,
+  so training starts from the uniform merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafuse.core.forward import decoder_parts
+from lorafuse.core.mixture import MixtureLinear
+from lorafuse.library import LoraFactors
+from lorafuse.merging.svd import factor_svd
+
+
+def top_k_softmax(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Softmax over the ``k`` largest logits of the last axis; zero elsewhere."""
+    if k >= logits.shape[-1]:
+        return F.softmax(logits / temperature, dim=-1)
+    top = logits.topk(k, dim=-1)
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+    return F.softmax(masked / temperature, dim=-1)
+
+
+def arrow_prototypes(module: MixtureLinear) -> torch.Tensor:
+    """(K, d_in): each expert's top right-singular vector of its delta in this module."""
+    vs = []
+    for k in range(module.A.shape[0]):
+        _, s, vh = factor_svd(LoraFactors(A=module.A[k], B=module.B[k], scaling=1.0))
+        vs.append(vh[0] if s[0] > 0 else torch.zeros_like(vh[0]))
+    return torch.stack(vs).to(module.A.dtype)
+
+
+class ArrowRouter:
+    """Per-token, per-module routing by prototype alignment (training-free)."""
+
+    def __init__(self, top_k: int = 2, temperature: float = 1.0, active: int | None = None):
+        self.top_k = top_k
+        self.temperature = temperature
+        self.active = active  # route among the first ``active`` sources only (rest weight 0)
+        self._prototypes: dict[str, torch.Tensor] = {}
+
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+        if module.name not in self._prototypes:
+            self._prototypes[module.name] = arrow_prototypes(module)
+        protos = self._prototypes[module.name].to(x.device)
+        logits = torch.einsum("...d,kd->...k", x, protos).abs()
+        # logits scale with |x|; normalise per token so the temperature means the same
+        logits = logits / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return top_k_softmax(logits, self.top_k, self.temperature)
+
+
+class LayerRouter(nn.Module):
+    """A linear router per decoder layer on the layer's input; weights (B, T, K) per token."""
+
+    def __init__(self, layers: Sequence[int], hidden: int, k: int, temperature: float = 1.0):
+        super().__init__()
+        self.proj = nn.ModuleDict({str(layer): nn.Linear(hidden, k) for layer in layers})
+        for p in self.proj.parameters():
+            nn.init.zeros_(p)
+        self.temperature = temperature
+        self.current: dict[int, torch.Tensor] = {}
+
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+        return self.current[module.layer]
+
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        """Forward pre-hooks on the routed decoder layers compute that layer's weights."""
+        layers = decoder_parts(model).layers
+        handles = []
+        for name in self.proj:
+            layer = int(name)
+
+            def hook(mod, args, kwargs, layer=layer):
+                h = args[0] if args else kwargs["hidden_states"]
+                logits = self.proj[str(layer)](h) / self.temperature
+                self.current[layer] = F.softmax(logits, dim=-1)
+
+            handles.append(layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.current.clear()

@@ -1,0 +1,122 @@
+"""Build and evaluate fusion methods on a workspace; the ``results.json`` of the commands."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafuse.errors import LorafuseError
+from lorafuse.eval.harness import ExampleScores
+from lorafuse.eval.report import markdown_table
+from lorafuse.eval.run import ORACLE_ROW, oracle, score_rows, summaries_of, versions
+from lorafuse.fusion.base import evaluate
+from lorafuse.fusion.methods import build_fusion
+from lorafuse.io import atomic_write_json
+from lorafuse.workspace import Workspace, open_workspace
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["top_k=2", "mode=logit"]`` -> ``{"top_k": 2, "mode": "logit"}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LorafuseError(f"--param wants KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run_methods(
+    ws: Workspace,
+    methods: dict[str, tuple[str, dict[str, Any]]],
+    split: str,
+    *,
+    seed: int = 0,
+) -> tuple[dict[str, ExampleScores], dict[str, dict]]:
+    """Build (fit on validation) and score every ``row -> (method, params)`` on ``split``."""
+    encoded = ws.encoded(split)
+    rows: dict[str, ExampleScores] = {}
+    info: dict[str, dict] = {}
+    for row, (name, params) in methods.items():
+        t0 = time.perf_counter()
+        fusion = build_fusion(ws, name, seed=seed, **params)
+        t1 = time.perf_counter()
+        rows[row] = evaluate(ws.base.model, fusion, encoded, ws.cache)
+        t2 = time.perf_counter()
+        info[row] = {
+            "method": name,
+            "family": fusion.family,
+            "params": params,
+            "build_s": round(t1 - t0, 2),
+            "eval_s_per_item": round((t2 - t1) / len(encoded), 5),
+            **fusion.info,
+        }
+        print(f"{row}: built in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s", flush=True)
+    return rows, info
+
+
+def expert_rows(ws: Workspace, split: str) -> dict[str, ExampleScores]:
+    """Each private expert on its own task's examples, and the oracle row from them."""
+    examples = ws.examples(split)
+    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    subsets = {
+        n: [i for i, ex in enumerate(examples) if ex.task in tasks_of[n]] for n in ws.private
+    }
+    rows = score_rows(
+        ws.base,
+        ws.encoded(split),
+        ws.cache,
+        {n: a.path for n, a in ws.private.items()},
+        subsets=subsets,
+        include_base=False,
+    )
+    rows[ORACLE_ROW] = oracle(examples, rows, ws.expert_of)
+    return rows
+
+
+def fusion_command(
+    *,
+    methods: Sequence[str],
+    params: dict[str, Any],
+    base_model: str,
+    library: Path | None,
+    tasks: str,
+    split: str,
+    seed: int,
+    out: Path,
+    with_oracle: bool = False,
+) -> dict:
+    """``lorafuse eval --method`` / ``route`` / ``ensemble``: scores per task of each method."""
+    if not methods:
+        raise LorafuseError("name at least one --method")
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    rows, info = run_methods(ws, {m: (m, dict(params)) for m in methods}, split, seed=seed)
+    reference = None
+    if with_oracle and all(ex.task in ws.expert_of for ex in ws.examples(split)):
+        reference = expert_rows(ws, split)[ORACLE_ROW]
+        rows[ORACLE_ROW] = reference
+    summaries = summaries_of(ws.examples(split), rows, reference=reference)
+    for row, extra in info.items():
+        summaries[row]["info"] = extra
+    primary = methods[0]
+    results = {
+        **summaries[primary],
+        "primary": primary,
+        "methods": summaries,
+        "config": {
+            "base_model": ws.base.name,
+            "library": str(ws.library),
+            "tasks": tasks,
+            "split": split,
+            "params": params,
+        },
+        "seed": seed,
+        "versions": versions(),
+        "table": markdown_table(summaries),
+    }
+    atomic_write_json(out, results)
+    return results

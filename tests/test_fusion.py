@@ -1,0 +1,181 @@
+"""Fusion methods on the mixture core: ensembles, Arrow, layer routers, Twin-Merging, HC,
+and routing inside ``generate``, checked against PEFT and dense math on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from lorafuse.core.encode import Encoded, collate
+from lorafuse.core.forward import lower_states, target_logits
+from lorafuse.core.mixture import BatchMixer, ConstantMixer, FactorSet, mixture_of_loras
+from lorafuse.fusion.base import Ensemble, Fusion, installed, prompt_mean
+from lorafuse.fusion.hc import cluster_experts, delta_cosines, factor_inner
+from lorafuse.fusion.routers import ArrowRouter, LayerRouter, arrow_prototypes, top_k_softmax
+from lorafuse.fusion.twin import GroupWeights, twin_sources
+
+SEQS = [(3, 17, 9, 88, 41, 5), (7, 7, 2, 99, 31, 11), (1, 2, 3, 4, 5, 6)]
+PROMPT_LEN = 3
+
+
+def batch_and_states(model):
+    encoded = [Encoded(s, PROMPT_LEN) for s in SEQS]
+    batch = collate(encoded, pad_id=0)
+    with torch.no_grad():
+        states = lower_states(model, batch.input_ids, 0)
+    return batch, states
+
+
+def peft_log_probs(model, adapter, batch, states) -> torch.Tensor:
+    peft_model = PeftModel.from_pretrained(model, str(adapter.path))
+    try:
+        with torch.no_grad():
+            return F.log_softmax(target_logits(peft_model, states, batch, 0), -1)
+    finally:
+        peft_model.unload()
+
+
+def run(model, fusion, batch, states) -> torch.Tensor:
+    with installed(model, fusion, 0) as log_probs, torch.no_grad():
+        return log_probs(states, batch)
+
+
+def ensemble_fusion(experts, weights, mode) -> Fusion:
+    return Fusion("e", "ensembling", experts, BatchMixer(), ensemble=Ensemble(weights, mode))
+
+
+def test_ensemble_of_probabilities_and_of_logits(tiny_llama, tiny_experts) -> None:
+    batch, states = batch_and_states(tiny_llama)
+    each = torch.stack([peft_log_probs(tiny_llama, e, batch, states) for e in tiny_experts])
+    w = torch.tensor([0.2, 0.5, 0.3])
+    got = run(tiny_llama, ensemble_fusion(tiny_experts, w, "prob"), batch, states)
+    want = torch.log(torch.einsum("k,knv->nv", w, each.exp()))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # logits differ from log-probs by a per-row constant, which the softmax removes
+    got = run(tiny_llama, ensemble_fusion(tiny_experts, w, "logit"), batch, states)
+    want = F.log_softmax(torch.einsum("k,knv->nv", w, each), -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    one_hot = torch.tensor([0.0, 1.0, 0.0])
+    got = run(tiny_llama, ensemble_fusion(tiny_experts, one_hot, "prob"), batch, states)
+    torch.testing.assert_close(got, each[1], atol=1e-5, rtol=0)
+
+
+def test_arrow_prototype_is_top_right_singular_vector(tiny_llama, tiny_experts) -> None:
+    mixer = ConstantMixer(torch.ones(3))
+    with mixture_of_loras(tiny_llama, tiny_experts, mixer) as layers:
+        for name, module in layers.items():
+            protos = arrow_prototypes(module)
+            for k, expert in enumerate(tiny_experts):
+                _, _, vh = torch.linalg.svd(expert.delta(name).double())
+                cos = F.cosine_similarity(protos[k].double(), vh[0], dim=0)
+                assert abs(cos.item()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_arrow_routes_each_token_to_the_best_aligned_experts(tiny_llama, tiny_experts) -> None:
+    router = ArrowRouter(top_k=1, temperature=1.0)
+    with mixture_of_loras(tiny_llama, tiny_experts, router) as layers:
+        module = next(iter(layers.values()))
+        x = torch.randn(2, 5, module.A.shape[-1])
+        w = router.weights(module, x)
+        protos = arrow_prototypes(module)
+    assert w.shape == (2, 5, 3)
+    best = (x @ protos.T).abs().argmax(-1)
+    torch.testing.assert_close(w, F.one_hot(best, 3).float())
+
+
+def test_top_k_softmax() -> None:
+    w = top_k_softmax(torch.tensor([[1.0, 3.0, 2.0, -1.0]]), 2, 1.0)
+    e = torch.tensor([3.0, 2.0]).exp()
+    torch.testing.assert_close(w, torch.tensor([[0.0, e[0] / e.sum(), e[1] / e.sum(), 0.0]]))
+
+
+def test_zero_initialised_layer_router_is_the_uniform_merge(tiny_llama, tiny_experts) -> None:
+    batch, states = batch_and_states(tiny_llama)
+    router = LayerRouter([0, 1], tiny_llama.config.hidden_size, 3)
+    routed = run(
+        tiny_llama, Fusion("r", "routing", tiny_experts, router, hooks=router.hooked), batch, states
+    )
+    uniform = run(
+        tiny_llama,
+        Fusion("u", "merging", tiny_experts, ConstantMixer(torch.ones(3) / 3)),
+        batch,
+        states,
+    )
+    torch.testing.assert_close(routed, uniform, atol=1e-6, rtol=0)
+    assert router.current == {}  # hooks removed, nothing left behind
+
+
+def test_twin_shared_plus_exclusive_is_each_expert(tiny_experts) -> None:
+    sources = twin_sources(
+        tiny_experts, shared_method="task_arithmetic", shared_params={"scale": 0.3}, rank=64
+    )
+    shared, exclusive = sources[0], sources[1:]
+    for module in tiny_experts[0].module_names:
+        torch.testing.assert_close(
+            shared.factors(module).delta(),
+            0.3 * sum(e.delta(module) for e in tiny_experts),
+            atol=1e-5,
+            rtol=0,
+        )
+        for e, x in zip(tiny_experts, exclusive, strict=True):
+            got = shared.factors(module).delta() + x.factors(module).delta()
+            torch.testing.assert_close(got, e.delta(module), atol=1e-5, rtol=0)
+
+
+def test_twin_low_rank_exclusive_is_the_best_approximation(tiny_experts) -> None:
+    sources = twin_sources(tiny_experts, rank=2)
+    module = tiny_experts[0].module_names[0]
+    diff = tiny_experts[1].delta(module) - sources[0].factors(module).delta()
+    s = torch.linalg.svdvals(diff.double())
+    err = torch.linalg.norm(diff.double() - sources[2].factors(module).delta().double())
+    assert sources[2].factors(module).rank == 2
+    assert err.item() == pytest.approx(s[2:].pow(2).sum().sqrt().item(), rel=1e-4)
+
+
+def test_group_weights_average_within_groups() -> None:
+    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
+    groups = GroupWeights(w, groups_per_bin=1)
+    np.testing.assert_allclose(groups(np.array([[0.7, 0.3]])), [[0.85, 0.15]])
+    np.testing.assert_allclose(groups(np.array([[0.4, 0.6]])), [[0.15, 0.85]])
+
+
+def test_factor_inner_product_and_clusters(tiny_experts) -> None:
+    module = tiny_experts[0].module_names[0]
+    a, b = tiny_experts[0].factors(module), tiny_experts[2].factors(module)
+    dense = (a.delta().double() * b.delta().double()).sum().item()
+    assert factor_inner(a, b) == pytest.approx(dense, rel=1e-6)
+    twin_of_0 = FactorSet(
+        "copy", {m: tiny_experts[0].factors(m) for m in tiny_experts[0].module_names}
+    )
+    experts = [tiny_experts[0], tiny_experts[1], twin_of_0]
+    cos = delta_cosines(experts)
+    assert cos[0, 2] == pytest.approx(1.0) and abs(cos[0, 1]) < 0.5
+    assert sorted(map(sorted, cluster_experts(experts, 2))) == [[0, 2], [1]]
+
+
+def test_prompt_mean_ignores_answer_and_padding() -> None:
+    encoded = [Encoded((1, 2, 3, 4), 2), Encoded((5, 6, 7), 1)]
+    batch = collate(encoded, 0)
+    hidden = torch.arange(2 * 4, dtype=torch.float).view(2, 4, 1)
+    torch.testing.assert_close(prompt_mean(hidden, batch), torch.tensor([[0.5], [4.0]]))
+
+
+def test_per_item_weights_hold_for_every_generated_token(tiny_llama, tiny_experts) -> None:
+    """Weights set once from the prompt are reused for each new token in ``generate``."""
+    prompts = torch.tensor([[3, 17, 9, 88], [7, 7, 2, 99]])
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.3, 0.6]])
+    mixer = BatchMixer()
+    mixer.current = weights
+    with mixture_of_loras(tiny_llama, tiny_experts, mixer), torch.no_grad():
+        together = tiny_llama.generate(prompts, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for i in range(2):
+        with mixture_of_loras(tiny_llama, tiny_experts, ConstantMixer(weights[i])), torch.no_grad():
+            alone = tiny_llama.generate(
+                prompts[i : i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+        n = alone.shape[1]  # an item that ended early is padded in the batch
+        assert torch.equal(together[i, :n], alone[0])
+        assert (together[i, n:] == 0).all()
