@@ -13,6 +13,7 @@ from lorafuse.core.encode import Encoded, collate
 from lorafuse.core.forward import lower_states, target_logits
 from lorafuse.core.mixture import BatchMixer, ConstantMixer, FactorSet, mixture_of_loras
 from lorafuse.fusion.base import Ensemble, Fusion, installed, prompt_mean
+from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, delta_cosines, factor_inner
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter, arrow_prototypes, top_k_softmax
 from lorafuse.fusion.twin import GroupWeights, twin_sources
@@ -179,3 +180,57 @@ def test_per_item_weights_hold_for_every_generated_token(tiny_llama, tiny_expert
         n = alone.shape[1]  # an item that ended early is padded in the batch
         assert torch.equal(together[i, :n], alone[0])
         assert (together[i, n:] == 0).all()
+
+
+def test_twin_model_routed_one_hot_is_that_expert(tiny_llama, tiny_experts) -> None:
+    """Shared delta folded into the weights + one exclusive delta (full rank) == the expert."""
+    batch, states = batch_and_states(tiny_llama)
+    shared, *exclusive = twin_sources(tiny_experts, shared_params={"scale": 0.5}, rank=64)
+    mixer = BatchMixer()
+    mixer.current = torch.tensor([0.0, 0.0, 1.0])
+    fusion = Fusion("t", "routing", exclusive, mixer, shared=shared)
+    got = run(tiny_llama, fusion, batch, states)
+    want = peft_log_probs(tiny_llama, tiny_experts[2], batch, states)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the weights were restored: the plain model is unchanged
+    with torch.no_grad():
+        plain = F.log_softmax(target_logits(tiny_llama, states, batch, 0), -1)
+    assert (plain - want).abs().max() > 1e-4
+    mixer.current = torch.zeros(3)
+    only_shared = run(tiny_llama, fusion, batch, states)
+    as_source = Fusion("s", "merging", [shared], ConstantMixer(torch.ones(1)))
+    torch.testing.assert_close(
+        only_shared, run(tiny_llama, as_source, batch, states), atol=1e-5, rtol=0
+    )
+
+
+def test_fit_mixture_weights_known_answer() -> None:
+    """Expert 0 explains examples 0-2, expert 1 example 3: the NLL-optimal mixture is
+    (3/4, 1/4) when each expert gives its examples probability ~1 and the others ~0."""
+    rows = torch.tensor([0, 0, 1, 2, 3, 3])
+    good, bad = 0.0, -30.0
+    lp = torch.tensor([[good, bad]] * 4 + [[bad, good]] * 2)
+    w = fit_mixture_weights(lp, rows, steps=2000, lr=0.05)
+    torch.testing.assert_close(w, torch.tensor([0.75, 0.25]), atol=1e-3, rtol=0)
+
+
+def test_one_pass_ensembles_equal_separate_fusions(tiny_base, tiny_experts) -> None:
+    from lorafuse.core.states import StateCache
+    from lorafuse.fusion.base import evaluate
+
+    encoded = [Encoded(s, PROMPT_LEN) for s in SEQS]
+    cache = StateCache(tiny_base, 0, persist=False, progress=False)
+    variants = {
+        "prob": (torch.tensor([0.2, 0.5, 0.3]), "prob"),
+        "logit": (torch.ones(3) / 3, "logit"),
+    }
+    together = score_ensembles(tiny_base.model, tiny_experts, encoded, cache, variants)
+    for name, (w, mode) in variants.items():
+        alone = evaluate(tiny_base.model, ensemble_fusion(tiny_experts, w, mode), encoded, cache)
+        np.testing.assert_allclose(together[name].loss, alone.loss, atol=1e-5)
+        assert (together[name].correct == alone.correct).all()
+    lp, rows = target_log_probs(tiny_base.model, tiny_experts, encoded, cache)
+    batch, states = batch_and_states(tiny_base.model)
+    want = peft_log_probs(tiny_base.model, tiny_experts[1], batch, states)
+    torch.testing.assert_close(lp[:, 1], want.gather(1, batch.targets[:, None]).squeeze(1))
+    assert rows.tolist() == batch.rows.tolist()

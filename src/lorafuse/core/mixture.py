@@ -66,12 +66,29 @@ def stack_factors(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, torch.T
 
 
 class MixtureLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus K LoRA experts mixed by weights from a shared mixer."""
+    """A frozen ``nn.Linear`` plus K LoRA experts mixed by weights from a shared mixer.
+
+    ``shared`` (optional) is a delta everyone gets (Twin-Merging's shared merge): it is folded
+    into a copy of the base weight, so it costs nothing per token.
+    """
 
     def __init__(
-        self, base: nn.Linear, factors: Sequence[LoraFactors], name: str, mixer: Mixer
+        self,
+        base: nn.Linear,
+        factors: Sequence[LoraFactors],
+        name: str,
+        mixer: Mixer,
+        shared: LoraFactors | None = None,
     ) -> None:
         super().__init__()
+        if shared is not None:
+            folded = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            folded = folded.to(base.weight.device, base.weight.dtype).requires_grad_(False)
+            delta = shared.delta().to(base.weight.device, base.weight.dtype)
+            folded.weight.copy_(base.weight.detach() + delta)
+            if base.bias is not None:
+                folded.bias.copy_(base.bias.detach())
+            base = folded
         self.base = base
         self.name = name
         self.layer = layer_index(name)
@@ -105,11 +122,15 @@ def layer_index(module: str) -> int:
 
 @contextlib.contextmanager
 def mixture_of_loras(
-    model: nn.Module, adapters: Sequence[FactorSource], mixer: Mixer
+    model: nn.Module,
+    adapters: Sequence[FactorSource],
+    mixer: Mixer,
+    shared: FactorSource | None = None,
 ) -> Iterator[dict[str, MixtureLinear]]:
     """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit.
 
-    The modules are those of the first source; every source must have them all.
+    The modules are those of the first source; every source must have them all. ``shared``
+    is added for every input (folded into the weights, see :class:`MixtureLinear`).
     """
     swapped: dict[str, tuple[nn.Module, str, nn.Module]] = {}
     layers: dict[str, MixtureLinear] = {}
@@ -119,7 +140,8 @@ def mixture_of_loras(
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
             factors = [a.factors(module) for a in adapters]
-            layers[module] = MixtureLinear(original, factors, module, mixer)
+            common = shared.factors(module) if shared is not None else None
+            layers[module] = MixtureLinear(original, factors, module, mixer, common)
             swapped[module] = (parent, child, original)
             setattr(parent, child, layers[module])
         yield layers

@@ -25,6 +25,7 @@ from lorafuse.core.encode import Batch
 from lorafuse.core.forward import target_logits
 from lorafuse.core.mixture import BatchMixer, FactorSource, Mixer, mixture_of_loras
 from lorafuse.eval.harness import ExampleScores, LogProbFn, score_examples
+from lorafuse.fusion.ensemble import combine, replicated_logits
 
 # (model, states (B, T, H), batch) -> None: sets the mixer's weights for this batch
 RouteFn = Callable[[nn.Module, torch.Tensor, Batch], None]
@@ -52,6 +53,7 @@ class Fusion:
     route: RouteFn | None = None
     hooks: HookFn | None = None
     ensemble: Ensemble | None = None
+    shared: FactorSource | None = None  # a delta for every input, folded into the weights
     info: dict = field(default_factory=dict)  # parameters, training time, weights
 
 
@@ -59,7 +61,7 @@ class Fusion:
 def installed(model: nn.Module, fusion: Fusion, split: int) -> Iterator[LogProbFn]:
     """The mixture layers in ``model`` for a while; yields (states, batch) -> log-probs."""
     hooks = fusion.hooks(model) if fusion.hooks else contextlib.nullcontext()
-    with mixture_of_loras(model, fusion.sources, fusion.mixer), hooks:
+    with mixture_of_loras(model, fusion.sources, fusion.mixer, fusion.shared), hooks:
 
         def log_probs(states: torch.Tensor, batch: Batch) -> torch.Tensor:
             if fusion.ensemble is not None:
@@ -76,23 +78,8 @@ def ensemble_log_probs(
 ) -> torch.Tensor:
     """All K experts in one batched pass (rows replicated, one-hot weights), then combined."""
     assert fusion.ensemble is not None and isinstance(fusion.mixer, BatchMixer)
-    k, b = len(fusion.sources), states.shape[0]
-    fusion.mixer.current = torch.eye(k, device=states.device).repeat_interleave(b, 0)
-    wide = Batch(
-        input_ids=batch.input_ids.repeat(k, 1),
-        lengths=batch.lengths.repeat(k),
-        rows=torch.cat([batch.rows + j * b for j in range(k)]),
-        positions=batch.positions.repeat(k),
-        targets=batch.targets.repeat(k),
-        example_index=batch.example_index.repeat(k),
-    )
-    logits = target_logits(model, states.repeat(k, 1, 1), wide, split)
-    logits = logits.view(k, len(batch.targets), -1)
-    w = fusion.ensemble.weights.to(logits.device)
-    if fusion.ensemble.mode == "logit":
-        return F.log_softmax(torch.einsum("k,knv->nv", w, logits), dim=-1)
-    log_w = torch.log(w.clamp(min=1e-12))[:, None, None]
-    return torch.logsumexp(F.log_softmax(logits, dim=-1) + log_w, dim=0)
+    logits = replicated_logits(model, len(fusion.sources), fusion.mixer, states, batch, split)
+    return combine(logits, fusion.ensemble.weights, fusion.ensemble.mode)
 
 
 def prompt_mean(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:

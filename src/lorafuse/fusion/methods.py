@@ -25,6 +25,7 @@ from lorafuse.core.mixture import (
 )
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
+from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, merged_clusters
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
@@ -86,48 +87,31 @@ def ensemble(
     *,
     mode: str = "prob",
     learn: bool = False,
-    steps: int = 30,
-    lr: float = 0.1,
+    steps: int = 300,
     seed: int = 0,
 ) -> Fusion:
     """Average the experts' outputs (probabilities or logits), uniform or learned weights."""
     if mode not in ("prob", "logit"):
         raise LorafuseError(f"ensemble mode must be 'prob' or 'logit', got {mode!r}")
-    k = len(ws.private)
-    fusion = Fusion(
+    if learn and mode != "prob":
+        raise LorafuseError("learned ensemble weights are fitted for mode=prob only")
+    experts = list(ws.private.values())
+    k = len(experts)
+    weights = torch.full((k,), 1.0 / k)
+    info: dict[str, Any] = {}
+    if learn:
+        started = time.perf_counter()
+        lp, rows = target_log_probs(ws.base.model, experts, ws.encoded(VAL), ws.cache)
+        weights = fit_mixture_weights(lp, rows, steps=steps)
+        info = {"train_s": time.perf_counter() - started, "weights": weights.tolist()}
+    return Fusion(
         f"ensemble:{mode}",
         "ensembling",
-        list(ws.private.values()),
+        experts,
         BatchMixer(),
-        ensemble=Ensemble(torch.full((k,), 1.0 / k), mode),
+        ensemble=Ensemble(weights, mode),
+        info=info,
     )
-    if learn:
-        theta = torch.nn.Parameter(torch.zeros(k))
-        started = time.perf_counter()
-        model = ws.base.model
-        with installed(model, fusion, ws.cache.split) as log_probs:
-
-            def loss(states, batch):
-                fusion.ensemble.weights = F.softmax(theta, 0)
-                return per_example_nll(log_probs(states, batch), batch, log_probs=True)
-
-            fit_parameters(
-                [theta],
-                loss,
-                ws.encoded(VAL),
-                ws.cache,
-                steps=steps,
-                lr=lr,
-                seed=seed,
-                batch_size=8,
-                desc="ensemble weights",
-            )
-        fusion.ensemble.weights = F.softmax(theta.detach(), 0)
-        fusion.info = {
-            "train_s": time.perf_counter() - started,
-            "weights": fusion.ensemble.weights.tolist(),
-        }
-    return fusion
 
 
 def arrow(ws: Workspace, *, top_k: int = 2, temperature: float = 0.1, seed: int = 0) -> Fusion:
@@ -182,7 +166,9 @@ def twin(
     started = time.perf_counter()
     experts = list(ws.private.values())
     params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
-    sources = make_twin_sources(experts, shared_method=shared, shared_params=params, rank=rank)
+    shared_set, *sources = make_twin_sources(
+        experts, shared_method=shared, shared_params=params, rank=rank
+    )
     n = len(sources)
     mixer = BatchMixer()
     model, split = ws.base.model, ws.cache.split
@@ -190,9 +176,9 @@ def twin(
     order = list(ws.private)
     keep = _cap_per_task([ex.task for ex in val_examples], max_per_task)
     labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
-    with mixture_of_loras(model, sources, mixer):
+    with mixture_of_loras(model, sources, mixer, shared_set):
         feats = feature_table(model, mixer, n, [val_encoded[i] for i in keep], ws.cache)
-    router = train_router(feats, labels, n - 1, epochs=epochs, seed=seed)
+    router = train_router(feats, labels, n, epochs=epochs, seed=seed)
     groups = None
     if group:
         with torch.no_grad():
@@ -205,7 +191,7 @@ def twin(
             w = F.softmax(router(f.cpu()), -1)
         if groups is not None:
             w = torch.as_tensor(groups(w.numpy()), dtype=w.dtype)
-        mixer.current = torch.cat([torch.ones(len(w), 1), w], 1).to(states.device)
+        mixer.current = w.to(states.device)
 
     with torch.no_grad():
         val_acc = float((router(feats).argmax(-1) == labels).float().mean())
@@ -215,6 +201,7 @@ def twin(
         sources,
         mixer,
         route=route,
+        shared=shared_set,
         info={
             "train_s": time.perf_counter() - started,
             "router_val_accuracy": val_acc,

@@ -7,8 +7,9 @@
   over the prompt, trained with cross-entropy on the task labels of validation items;
 * output ``W + ΔW_s + Σ_t softmax(router)_t ΔW_t^excl``, the weights computed once per prompt.
 
-The reference code merges full weights for every input at batch size 1; here the shared and
-exclusive deltas are sources of the mixture core and a mixed batch is one forward.
+The reference code merges full weights for every input at batch size 1; here the shared delta
+is folded into the weights once, the exclusive deltas are sources of the mixture core, and a
+mixed batch is one forward.
 The group-wise variant bins items by the argmax of their router weights, splits each bin by
 k-means and gives every group the mean weight vector of its validation items.
 """
