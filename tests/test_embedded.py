@@ -127,3 +127,45 @@ def test_eval_cli_writes_results_contract(small_suite, tmp_path: Path) -> None:
     assert task["accuracy"] >= 0.8
     assert results["mean_loss"] == pytest.approx(task["loss"])
     assert results["seed"] == 0 and "torch" in results["versions"]
+
+
+def test_mixture_on_embedded_model_equals_peft_and_merge(base, small_suite) -> None:
+    """On SmolLM2 + the shipped experts: one-hot mixture == PEFT with that expert; Twin with a
+    full-rank exclusive delta routed one-hot == that expert; a mixed batch == items alone."""
+    from lorafuse.core.mixture import BatchMixer, ConstantMixer, mixture_of_loras
+    from lorafuse.fusion.base import Fusion, installed
+    from lorafuse.fusion.twin import twin_sources
+
+    _, adapters = open_library(DEFAULT_LIBRARY, kinds={"private"})
+    experts = list(adapters.values())[:3]
+    encoded = encode_examples(base.tokenizer, small_suite.get("test")[::8])
+    batch = collate(encoded, base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        states = lower_states(base.model, batch.input_ids, 24)
+        peft_model = PeftModel.from_pretrained(base.model, str(experts[1].path))
+        want = target_logits(peft_model, states, batch, 24)
+        peft_model.unload()
+        with mixture_of_loras(base.model, experts, ConstantMixer(torch.tensor([0.0, 1, 0]))):
+            got = target_logits(base.model, states, batch, 24)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+        shared, *exclusive = twin_sources(experts, rank=32)  # rank >= 3 experts x r8 + r8
+        mixer = BatchMixer()
+        mixer.current = torch.tensor([0.0, 1.0, 0.0])
+        with installed(
+            base.model, Fusion("t", "routing", exclusive, mixer, shared=shared), 24
+        ) as lp:
+            twin = lp(states, batch)
+        torch.testing.assert_close(twin, torch.log_softmax(want, -1), atol=2e-4, rtol=0)
+
+        weights = torch.softmax(
+            torch.randn(len(encoded), 3, generator=torch.Generator().manual_seed(0)), -1
+        )
+        mixer.current = weights
+        with mixture_of_loras(base.model, experts, mixer):
+            mixed = target_logits(base.model, states, batch, 24)
+            for i in range(len(encoded)):
+                mixer.current = weights[i]
+                one = collate([encoded[i]], base.tokenizer.pad_token_id)
+                alone = target_logits(base.model, states[i : i + 1, : len(encoded[i].ids)], one, 24)
+                torch.testing.assert_close(mixed[batch.rows == i], alone, atol=2e-4, rtol=0)

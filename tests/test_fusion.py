@@ -234,3 +234,23 @@ def test_one_pass_ensembles_equal_separate_fusions(tiny_base, tiny_experts) -> N
     want = peft_log_probs(tiny_base.model, tiny_experts[1], batch, states)
     torch.testing.assert_close(lp[:, 1], want.gather(1, batch.targets[:, None]).squeeze(1))
     assert rows.tolist() == batch.rows.tolist()
+
+
+def test_method_names_and_parameters_are_checked() -> None:
+    from lorafuse.errors import LorafuseError
+    from lorafuse.fusion.methods import FUSION_METHODS, build_fusion
+    from lorafuse.fusion.run import parse_params
+
+    assert parse_params(["top_k=3", "mode=logit", "learn=true", "scale=0.5"]) == {
+        "top_k": 3,
+        "mode": "logit",
+        "learn": True,
+        "scale": 0.5,
+    }
+    with pytest.raises(LorafuseError, match="KEY=VALUE"):
+        parse_params(["top_k"])
+    with pytest.raises(LorafuseError, match="unknown fusion method 'nope'"):
+        build_fusion(None, "nope")  # type: ignore[arg-type]
+    with pytest.raises(LorafuseError, match="arrow: unknown parameter.*topk"):
+        build_fusion(None, "arrow", topk=2)  # type: ignore[arg-type]
+    assert {f.family for f in FUSION_METHODS.values()} == {"merging", "ensembling", "routing"}

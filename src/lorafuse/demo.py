@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from lorafuse.eval.harness import ExampleScores
 from lorafuse.eval.report import markdown_table, plot_methods, plot_task_heatmap
 from lorafuse.eval.run import (
     BASE_ROW,
@@ -14,6 +17,8 @@ from lorafuse.eval.run import (
     summaries_of,
     versions,
 )
+from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
+from lorafuse.fusion.run import run_methods
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import save_adapter
 from lorafuse.merging import merge
@@ -22,7 +27,7 @@ from lorafuse.models import load_base_model
 from lorafuse.tasks import builtin_suite
 from lorafuse.training.config import TrainConfig
 from lorafuse.training.library import MULTITASK, train_library
-from lorafuse.workspace import DEFAULT_LIBRARY, open_workspace
+from lorafuse.workspace import DEFAULT_LIBRARY, Workspace, open_workspace
 
 __all__ = ["DEFAULT_LIBRARY", "run_demo"]
 
@@ -41,6 +46,31 @@ DEMO_MERGES: dict[str, tuple[str, dict]] = {
 # Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
 LEARNED_MERGES: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
+# Ensembles of the private experts, all scored from one batched pass of the 8 experts.
+ENSEMBLE_ROWS = ["ensemble_prob", "ensemble_logit", "ensemble_learned"]
+# Routing methods (fitted on the validation split where they learn): row -> (method, params).
+DEMO_ROUTERS: dict[str, tuple[str, dict]] = {
+    "arrow": ("arrow", {}),
+    "hc_arrow": ("hc_arrow", {}),
+    "learned_router": ("learned_router", {}),
+    "twin": ("twin", {}),
+    "twin_group": ("twin_group", {}),
+}
+
+
+def demo_ensembles(ws: Workspace, encoded: list) -> dict[str, ExampleScores]:
+    """Uniform mixture of probabilities, of logits, and learned mixture weights (val)."""
+    experts = list(ws.private.values())
+    k = len(experts)
+    lp, rows = target_log_probs(ws.base.model, experts, ws.encoded("val"), ws.cache)
+    learned = fit_mixture_weights(lp, rows)
+    uniform = torch.full((k,), 1.0 / k)
+    variants = {
+        "ensemble_prob": (uniform, "prob"),
+        "ensemble_logit": (uniform, "logit"),
+        "ensemble_learned": (learned, "prob"),
+    }
+    return score_ensembles(ws.base.model, experts, encoded, ws.cache, variants)
 
 
 def run_demo(
@@ -114,8 +144,26 @@ def run_demo(
     )
     timings["evaluation_s"] = time.perf_counter() - t0
     rows[ORACLE_ROW] = oracle(examples, rows, ws.expert_of)
-    order = [BASE_ROW, MULTITASK, ORACLE_ROW, *DEMO_MERGES, *LEARNED_MERGES]
+
+    t0 = time.perf_counter()
+    rows.update(demo_ensembles(ws, encoded))
+    timings["ensembles_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    routed, info = run_methods(ws, DEMO_ROUTERS, "test", seed=seed)
+    rows.update(routed)
+    timings["routing_s"] = time.perf_counter() - t0
+    order = [
+        BASE_ROW,
+        MULTITASK,
+        ORACLE_ROW,
+        *ENSEMBLE_ROWS,
+        *DEMO_MERGES,
+        *LEARNED_MERGES,
+        *DEMO_ROUTERS,
+    ]
     summaries = summaries_of(examples, {k: rows[k] for k in order}, reference=rows[ORACLE_ROW])
+    for row, extra in info.items():
+        summaries[row]["info"] = extra
     timings["total_s"] = time.perf_counter() - started
 
     table = markdown_table(summaries)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lorafuse import __version__
 from lorafuse.core.encode import Encoded, encode_examples
@@ -61,7 +62,7 @@ def score_rows(
     if not adapters:
         return rows
     with peft_adapters(base, adapters) as model:
-        for name in adapters:
+        for name in tqdm(adapters, desc="score adapters", unit="adapter"):
             model.set_adapter(name)
             idx = list(subsets[name]) if subsets and name in subsets else range(len(encoded))
             part = score_examples(

@@ -164,21 +164,14 @@ def twin(
 ) -> Fusion:
     """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router)."""
     started = time.perf_counter()
-    experts = list(ws.private.values())
-    params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
-    shared_set, *sources = make_twin_sources(
-        experts, shared_method=shared, shared_params=params, rank=rank
-    )
+    key = (shared, scale, rank, max_per_task, epochs, seed)
+    cached = _TWIN_PARTS.get(id(ws))
+    if cached is None or cached[0] is not ws or cached[1] != key:
+        _TWIN_PARTS[id(ws)] = (ws, key, _twin_parts(ws, *key))
+    shared_set, sources, feats, labels, router = _TWIN_PARTS[id(ws)][2]
     n = len(sources)
     mixer = BatchMixer()
-    model, split = ws.base.model, ws.cache.split
-    val_examples, val_encoded = ws.examples(VAL), ws.encoded(VAL)
-    order = list(ws.private)
-    keep = _cap_per_task([ex.task for ex in val_examples], max_per_task)
-    labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
-    with mixture_of_loras(model, sources, mixer, shared_set):
-        feats = feature_table(model, mixer, n, [val_encoded[i] for i in keep], ws.cache)
-    router = train_router(feats, labels, n, epochs=epochs, seed=seed)
+    split = ws.cache.split
     groups = None
     if group:
         with torch.no_grad():
@@ -210,6 +203,35 @@ def twin(
             "rank": rank,
         },
     )
+
+
+# The twin and group-wise twin rows share sources and router: built once per workspace.
+_TWIN_PARTS: dict[int, tuple] = {}
+
+
+def _twin_parts(
+    ws: Workspace, shared: str, scale: float, rank: int, max_per_task: int, epochs: int, seed: int
+) -> tuple:
+    """Shared + exclusive factor sets, validation prompt features and labels, trained router."""
+    experts = list(ws.private.values())
+    params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
+    shared_set, *sources = make_twin_sources(
+        experts, shared_method=shared, shared_params=params, rank=rank
+    )
+    val_examples, val_encoded = ws.examples(VAL), ws.encoded(VAL)
+    order = list(ws.private)
+    missing = {ex.task for ex in val_examples} - set(ws.expert_of)
+    if missing:
+        raise LorafuseError(f"twin: no private expert for task(s) {', '.join(sorted(missing))}")
+    keep = _cap_per_task([ex.task for ex in val_examples], max_per_task)
+    labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
+    mixer = BatchMixer()
+    with mixture_of_loras(ws.base.model, sources, mixer, shared_set):
+        feats = feature_table(
+            ws.base.model, mixer, len(sources), [val_encoded[i] for i in keep], ws.cache
+        )
+    router = train_router(feats, labels, len(sources), epochs=epochs, seed=seed)
+    return shared_set, sources, feats, labels, router
 
 
 def hierarchical(

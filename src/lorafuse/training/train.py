@@ -83,15 +83,23 @@ def train_adapter(
     *,
     desc: str = "train",
     progress: bool = True,
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """Train a fresh LoRA on ``encoded`` and save it (atomically) as a PEFT adapter."""
+    """Train a LoRA on ``encoded`` and save it (atomically) as a PEFT adapter.
+
+    The LoRA is fresh, or with ``init_adapter`` a copy of that PEFT adapter (its rank and
+    modules; ``config``'s rank and targets are then ignored), as ELREA's cluster experts are.
+    """
     out_dir = Path(out_dir)
     split = split_layer(base.model, config.top_layers)
     if split != cache.split:
         raise ValueError(f"state cache is at layer {cache.split}, training needs {split}")
     states = cache.get(encoded, desc=f"{desc}: states")
     torch.manual_seed(config.seed)
-    model = get_peft_model(base.model, lora_config(config, base))
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base.model, str(init_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(base.model, lora_config(config, base))
     # get_peft_model overwrites the recorded base name with model.name_or_path (a local path)
     model.peft_config[model.active_adapter].base_model_name_or_path = base.name
     try:
