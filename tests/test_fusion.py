@@ -254,3 +254,14 @@ def test_method_names_and_parameters_are_checked() -> None:
     with pytest.raises(LorafuseError, match="arrow: unknown parameter.*topk"):
         build_fusion(None, "arrow", topk=2)  # type: ignore[arg-type]
     assert {f.family for f in FUSION_METHODS.values()} == {"merging", "ensembling", "routing"}
+
+
+def test_per_example_ensemble_weights_equal_each_example_alone(tiny_llama, tiny_experts) -> None:
+    """ELREA-style weights per example (not summing to 1), logits combined."""
+    batch, states = batch_and_states(tiny_llama)
+    w = torch.tensor([[0.7, 0.2, 0.4], [0.0, 1.0, 0.0], [0.3, 0.3, 0.3]])
+    got = run(tiny_llama, ensemble_fusion(tiny_experts, w, "logit"), batch, states)
+    for i in range(len(SEQS)):
+        alone = run(tiny_llama, ensemble_fusion(tiny_experts, w[i], "logit"), batch, states)
+        rows = batch.rows == i
+        torch.testing.assert_close(got[rows], alone[rows], atol=1e-5, rtol=0)

@@ -268,6 +268,44 @@ def learn_merge_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("elrea")
+def elrea_cmd(
+    library: Annotated[
+        Path | None, typer.Option(help="Library (default: the shipped one); output goes inside.")
+    ] = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    clustering: Annotated[
+        str, typer.Option(help="'gradient' (ELREA), or the baselines 'random', 'embedding'.")
+    ] = "gradient",
+    n_clusters: int = 5,
+    dim: Annotated[int, typer.Option(help="Random-projection dimension (<= 8192).")] = 1024,
+    total_steps: Annotated[int, typer.Option(help="Training steps over all clusters.")] = 150,
+    lr: float = 1e-3,
+    seed: SeedOpt = 0,
+) -> None:
+    """ELREA: gradient features of the training set, BIRCH clusters, one expert per cluster
+    from the multi-task adapter (resumable: rerun after an interruption)."""
+    from lorafuse.elrea.pipeline import ElreaConfig, build_elrea, elrea_dir
+    from lorafuse.workspace import open_workspace
+
+    config = ElreaConfig(
+        clustering=clustering,  # type: ignore[arg-type]
+        n_clusters=n_clusters,
+        dim=dim,
+        total_steps=total_steps,
+        lr=lr,
+        seed=seed,
+    )
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    out = elrea_dir(ws.library, clustering)
+    info = build_elrea(ws, out, config)
+    sizes = [e["size"] for e in info["experts"]]
+    typer.echo(f"ELREA ({clustering}): {len(sizes)} clusters of sizes {sizes} -> {out}")
+    for note in info["notes"]:
+        typer.echo(f"note: {note}")
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods (for merge configs) and the fusion methods (for --method)."""
@@ -311,6 +349,11 @@ def main() -> None:
         if isinstance(err, typer.Abort):
             typer.echo("aborted", err=True)
             sys.exit(130)
+        if type(err).__name__ == "ValidationError" and not debug:  # pydantic: a bad setting
+            first = err.errors()[0]  # type: ignore[attr-defined]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            typer.echo(f"error: {where}: {first.get('msg')}", err=True)
+            sys.exit(2)
         raise
     if isinstance(code, int) and code:  # typer returns exit codes here (130 after Ctrl-C)
         sys.exit(code)

@@ -14,14 +14,14 @@ adapted linears for mixture layers and yields a log-probability function.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafuse.core.encode import Batch
+from lorafuse.core.encode import Batch, Encoded
 from lorafuse.core.forward import target_logits
 from lorafuse.core.mixture import BatchMixer, FactorSource, Mixer, mixture_of_loras
 from lorafuse.eval.harness import ExampleScores, LogProbFn, score_examples
@@ -38,7 +38,7 @@ class Ensemble:
     """Combine the K sources' next-token distributions: mixture of probabilities
     (``mode="prob"``) or softmax of the weighted mean of logits (``"logit"``)."""
 
-    weights: torch.Tensor  # (K,), non-negative, sums to 1
+    weights: torch.Tensor  # (K,) or per example (B, K); non-negative
     mode: str = "prob"
 
 
@@ -54,6 +54,7 @@ class Fusion:
     hooks: HookFn | None = None
     ensemble: Ensemble | None = None
     shared: FactorSource | None = None  # a delta for every input, folded into the weights
+    prepare: Callable[[Sequence[Encoded]], None] | None = None  # sees the inputs first
     info: dict = field(default_factory=dict)  # parameters, training time, weights
 
 
@@ -64,10 +65,10 @@ def installed(model: nn.Module, fusion: Fusion, split: int) -> Iterator[LogProbF
     with mixture_of_loras(model, fusion.sources, fusion.mixer, fusion.shared), hooks:
 
         def log_probs(states: torch.Tensor, batch: Batch) -> torch.Tensor:
-            if fusion.ensemble is not None:
-                return ensemble_log_probs(model, fusion, states, batch, split)
             if fusion.route is not None:
                 fusion.route(model, states, batch)
+            if fusion.ensemble is not None:
+                return ensemble_log_probs(model, fusion, states, batch, split)
             return F.log_softmax(target_logits(model, states, batch, split), dim=-1)
 
         yield log_probs
@@ -79,7 +80,10 @@ def ensemble_log_probs(
     """All K experts in one batched pass (rows replicated, one-hot weights), then combined."""
     assert fusion.ensemble is not None and isinstance(fusion.mixer, BatchMixer)
     logits = replicated_logits(model, len(fusion.sources), fusion.mixer, states, batch, split)
-    return combine(logits, fusion.ensemble.weights, fusion.ensemble.mode)
+    weights = fusion.ensemble.weights
+    if weights.dim() == 2:  # per example -> per target row
+        weights = weights[batch.rows.to(weights.device)]
+    return combine(logits, weights, fusion.ensemble.mode)
 
 
 def prompt_mean(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -94,5 +98,7 @@ def prompt_mean(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def evaluate(model: nn.Module, fusion: Fusion, encoded, cache) -> ExampleScores:
     """Per-example loss and greedy exact match of a fusion method (no gradients)."""
+    if fusion.prepare is not None:
+        fusion.prepare(encoded)
     with installed(model, fusion, cache.split) as log_probs:
         return score_examples(log_probs, encoded, cache)

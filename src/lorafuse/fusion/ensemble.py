@@ -51,11 +51,14 @@ def replicated_logits(
 
 
 def combine(logits: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
-    """(K, N, V) expert logits -> (N, V) log-probs of the ensemble."""
+    """(K, N, V) expert logits -> (N, V) log-probs of the ensemble; weights (K,) or per
+    target row (N, K)."""
     w = weights.to(logits.device)
+    if w.dim() == 1:
+        w = w.expand(logits.shape[1], -1)
     if mode == "logit":
-        return F.log_softmax(torch.einsum("k,knv->nv", w, logits), dim=-1)
-    log_w = torch.log(w.clamp(min=1e-12))[:, None, None]
+        return F.log_softmax(torch.einsum("nk,knv->nv", w, logits), dim=-1)
+    log_w = torch.log(w.clamp(min=1e-12)).T[:, :, None]
     return torch.logsumexp(F.log_softmax(logits, dim=-1) + log_w, dim=0)
 
 

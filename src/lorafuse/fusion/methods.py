@@ -266,6 +266,26 @@ def _cap_per_task(tasks: list[str], cap: int) -> list[int]:
     return keep
 
 
+def elrea(
+    ws: Workspace,
+    *,
+    clustering: str = "gradient",
+    weights: str = "elrea",
+    temperature: float | None = None,
+    seed: int = 0,
+) -> Fusion:
+    """ELREA: cluster experts of gradient features, weighted per prompt (built by
+    ``lorafuse elrea``; the shipped library has them)."""
+    from lorafuse.elrea.pipeline import elrea_dir, elrea_fusion
+
+    path = elrea_dir(ws.library, clustering)
+    if not (path / "elrea.json").is_file():
+        raise LorafuseError(
+            f"{path}: no ELREA build here (run: lorafuse elrea --clustering {clustering})"
+        )
+    return elrea_fusion(ws, path, weights=weights, temperature=temperature)
+
+
 @dataclass(frozen=True)
 class FusionMethod:
     name: str
@@ -295,6 +315,10 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         _method("twin", "routing", twin),
         _method("twin_group", "routing", twin, group=True),
         _method("hc_arrow", "routing", hierarchical),
+        _method("elrea", "ensembling", elrea),
+        _method("elrea_uniform", "ensembling", elrea, weights="uniform"),
+        _method("elrea_random", "ensembling", elrea, clustering="random"),
+        _method("elrea_embedding", "ensembling", elrea, clustering="embedding"),
     ]
 }
 
