@@ -192,6 +192,27 @@ def demo(
     run_demo(out=out, library=library, retrain=retrain, base_model=base_model, seed=seed)
 
 
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("compare_out"),
+    library: Annotated[
+        Path | None, typer.Option(help="Library (default: the shipped one).")
+    ] = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    seed: SeedOpt = 0,
+) -> None:
+    """Every method (ensembles, merges, routers, ELREA) on the test split, with costs:
+    results.json, report.md/.html, methods.png, tasks.png."""
+    from lorafuse.compare import run_compare
+    from lorafuse.workspace import open_workspace
+
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    results = run_compare(ws, out, seed=seed)
+    typer.echo(results["table"])
+    typer.echo(f"wrote {out}/results.json, report.md, report.html, methods.png, tasks.png")
+
+
 @app.command("merge")
 def merge_cmd(
     config: Annotated[Path, typer.Argument(help="YAML merge config.")],

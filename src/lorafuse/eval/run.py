@@ -68,11 +68,11 @@ def score_rows(
             part = score_examples(
                 model_log_probs(model, cache.split), [encoded[i] for i in idx], cache
             )
-            rows[name] = _scatter(part, idx, len(encoded))
+            rows[name] = scatter_scores(part, idx, len(encoded))
     return rows
 
 
-def _scatter(part: ExampleScores, idx: Sequence[int], n: int) -> ExampleScores:
+def scatter_scores(part: ExampleScores, idx: Sequence[int], n: int) -> ExampleScores:
     """Put subset scores back at their indices; unscored examples are NaN / False."""
     loss = np.full(n, np.nan)
     correct = np.zeros(n, dtype=bool)

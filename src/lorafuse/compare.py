@@ -1,0 +1,326 @@
+"""``lorafuse compare``: every fusion method of a library on the same test tasks, with costs.
+
+Rows: references (base, multi-task adapter, oracle), ensembles, static and learned merges,
+routers, ELREA (when the library has a build). Columns: mean test loss ± standard error
+across tasks, exact match, normalised score (accuracy / own expert's), and cost: training
+time (s), inference time per item (ms), stored bytes (MB). Written as ``results.json``,
+``report.md``, ``report.html``, ``methods.png`` (grouped by family) and ``tasks.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafuse.core.mixture import FactorSet
+from lorafuse.core.peft_adapters import peft_adapters
+from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
+from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
+from lorafuse.eval.run import BASE_ROW, ORACLE_ROW, oracle, scatter_scores, summaries_of, versions
+from lorafuse.fusion.base import Fusion, evaluate
+from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
+from lorafuse.fusion.methods import build_fusion
+from lorafuse.io import atomic_write_json, atomic_write_text
+from lorafuse.library import LoraAdapter, save_adapter
+from lorafuse.merging import merge
+from lorafuse.merging.learned import learned_merge, save_learned_merge
+from lorafuse.training.library import MULTITASK
+from lorafuse.workspace import Workspace
+
+# Static merges of the private experts: row -> (method, parameters).
+MERGES: dict[str, tuple[str, dict]] = {
+    "uniform_average": ("linear", {}),  # exact full-rank mean of the deltas
+    "lowrank_average": ("lowrank_average", {}),  # mean of A's and of B's (cross-terms)
+    "task_arithmetic": ("task_arithmetic", {"scale": 0.3}),
+    "ties": ("ties", {"density": 0.2, "scale": 1.0}),
+    "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
+}
+# Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
+LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
+LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
+ENSEMBLES = ["ensemble_prob", "ensemble_logit", "ensemble_learned"]
+# Routing methods (fitted on the validation split where they learn): row -> (method, params).
+ROUTERS: dict[str, tuple[str, dict]] = {
+    "arrow": ("arrow", {}),
+    "hc_arrow": ("hc_arrow", {}),
+    "learned_router": ("learned_router", {}),
+    "twin": ("twin", {}),
+    "twin_group": ("twin_group", {}),
+}
+# ELREA rows, when the library has the builds (``lorafuse elrea``).
+ELREA: dict[str, tuple[str, dict]] = {
+    "elrea": ("elrea", {}),
+    "elrea_uniform": ("elrea_uniform", {}),
+    "elrea_random": ("elrea_random", {}),
+    "elrea_embedding": ("elrea_embedding", {}),
+}
+
+
+@dataclass
+class Table:
+    """Scores, families and costs of every row, in display order."""
+
+    scores: dict[str, ExampleScores] = field(default_factory=dict)
+    family: dict[str, str] = field(default_factory=dict)
+    costs: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    info: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, row: str, family: str, scores: ExampleScores, **costs: float | None) -> None:
+        self.scores[row] = scores
+        self.family[row] = family
+        self.costs[row] = costs
+
+
+def source_bytes(sources) -> int:
+    """Stored size of adapters / in-memory factor sets (fp32 factors)."""
+    total = 0
+    for s in sources:
+        if isinstance(s, LoraAdapter):
+            total += s.num_bytes
+        elif isinstance(s, FactorSet):
+            total += sum(4 * (f.A.numel() + f.B.numel()) for f in s.modules.values())
+    return total
+
+
+def _mb(n: int | float) -> float:
+    return n / 2**20
+
+
+def _trained_s(ws: Workspace, name: str) -> float | None:
+    entry = next((e for e in ws.manifest.experts if e.name == name), None)
+    return entry.metrics.get("wall_time_s") if entry else None
+
+
+def score_adapters(
+    ws: Workspace, adapters: Mapping[str, Path], subsets: Mapping[str, list[int]] | None = None
+) -> dict[str, tuple[ExampleScores, float]]:
+    """PEFT adapters scored one by one on the test split (or a subset): scores and seconds."""
+    encoded = ws.encoded("test")
+    out = {}
+    with peft_adapters(ws.base, adapters) as model:
+        for name in adapters:
+            model.set_adapter(name)
+            idx = list(subsets[name]) if subsets and name in subsets else list(range(len(encoded)))
+            t0 = time.perf_counter()
+            part = score_examples(
+                model_log_probs(model, ws.cache.split), [encoded[i] for i in idx], ws.cache
+            )
+            out[name] = (scatter_scores(part, idx, len(encoded)), time.perf_counter() - t0)
+    return out
+
+
+def references(ws: Workspace, table: Table) -> None:
+    """Base model, multi-task adapter, and the oracle from the private experts."""
+    examples, encoded = ws.examples("test"), ws.encoded("test")
+    n = len(encoded)
+    t0 = time.perf_counter()
+    base = score_examples(model_log_probs(ws.base.model, ws.cache.split), encoded, ws.cache)
+    table.add(
+        BASE_ROW,
+        "reference",
+        base,
+        train_s=0,
+        infer_ms=1e3 * (time.perf_counter() - t0) / n,
+        stored_mb=0,
+    )
+    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    subsets = {
+        name: [i for i, ex in enumerate(examples) if ex.task in tasks_of[name]]
+        for name in ws.private
+    }
+    adapters = {name: a.path for name, a in ws.private.items()}
+    if MULTITASK in ws.adapters:
+        adapters[MULTITASK] = ws.adapters[MULTITASK].path
+    scored = score_adapters(ws, adapters, subsets)
+    if MULTITASK in scored:
+        scores, secs = scored[MULTITASK]
+        table.add(
+            MULTITASK,
+            "reference",
+            scores,
+            train_s=_trained_s(ws, MULTITASK),
+            infer_ms=1e3 * secs / n,
+            stored_mb=_mb(ws.adapters[MULTITASK].num_bytes),
+        )
+    if all(ex.task in ws.expert_of for ex in examples):
+        rows = {name: scored[name][0] for name in ws.private}
+        train = [_trained_s(ws, name) for name in ws.private]
+        table.add(
+            ORACLE_ROW,
+            "reference",
+            oracle(examples, rows, ws.expert_of),
+            train_s=sum(t for t in train if t) or None,
+            infer_ms=1e3 * sum(scored[name][1] for name in ws.private) / n,
+            stored_mb=_mb(source_bytes(ws.private.values())),
+        )
+
+
+def ensembles(ws: Workspace, table: Table) -> None:
+    """Uniform mixture of probabilities, of logits, and learned mixture weights (val), from
+    one batched pass of all experts."""
+    experts = list(ws.private.values())
+    k = len(experts)
+    t0 = time.perf_counter()
+    lp, rows = target_log_probs(ws.base.model, experts, ws.encoded("val"), ws.cache)
+    learned = fit_mixture_weights(lp, rows)
+    fit_s = time.perf_counter() - t0
+    uniform = torch.full((k,), 1.0 / k)
+    variants = {
+        "ensemble_prob": (uniform, "prob"),
+        "ensemble_logit": (uniform, "logit"),
+        "ensemble_learned": (learned, "prob"),
+    }
+    t0 = time.perf_counter()
+    scored = score_ensembles(ws.base.model, experts, ws.encoded("test"), ws.cache, variants)
+    infer_ms = 1e3 * (time.perf_counter() - t0) / len(ws.encoded("test"))
+    stored = _mb(source_bytes(experts))
+    for row, scores in scored.items():
+        train = fit_s if row == "ensemble_learned" else 0.0
+        table.add(row, "ensembling", scores, train_s=train, infer_ms=infer_ms, stored_mb=stored)
+    table.info["ensemble_learned"] = {"weights": learned.tolist()}
+
+
+def merges(ws: Workspace, table: Table, out: Path, seed: int) -> None:
+    """Static and learned merges, saved as PEFT adapters under ``out/merged`` and scored."""
+    experts = list(ws.private.values())
+    paths: dict[str, Path] = {}
+    made_s: dict[str, float] = {}
+    for row, (method, params) in MERGES.items():
+        t0 = time.perf_counter()
+        factors = merge(experts, method, progress=False, **params)
+        made_s[row] = time.perf_counter() - t0
+        paths[row] = save_adapter(
+            out / "merged" / row,
+            factors,
+            base_model=ws.base.name,
+            readme=f"lorafuse merge of the private experts: {method} {params}\n",
+        )
+    for row, per_layer in LEARNED.items():
+        config = {"per_layer": per_layer, "split": "val", "seed": seed, **LEARN_SETTINGS}
+        learned = learned_merge(ws, per_layer=per_layer, seed=seed, **LEARN_SETTINGS)
+        made_s[row] = learned.seconds
+        paths[row] = save_learned_merge(ws, learned, out / "merged" / row, config)
+    n = len(ws.encoded("test"))
+    for row, (scores, secs) in score_adapters(ws, paths).items():
+        size = LoraAdapter.open(paths[row]).num_bytes
+        table.add(
+            row,
+            "merging",
+            scores,
+            train_s=made_s[row],
+            infer_ms=1e3 * secs / n,
+            stored_mb=_mb(size),
+        )
+
+
+def fusions(
+    ws: Workspace, table: Table, methods: Mapping[str, tuple[str, dict]], seed: int
+) -> None:
+    """Methods built by name on the mixture core (routers, ELREA), fitted and scored."""
+    encoded = ws.encoded("test")
+    for row, (name, params) in methods.items():
+        t0 = time.perf_counter()
+        fusion: Fusion = build_fusion(ws, name, seed=seed, **params)
+        built = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = evaluate(ws.base.model, fusion, encoded, ws.cache)
+        infer_ms = 1e3 * (time.perf_counter() - t0) / len(encoded)
+        train = fusion.info.get("train_s", built)
+        stored = source_bytes([*fusion.sources, *([fusion.shared] if fusion.shared else [])])
+        table.add(
+            row, fusion.family, scores, train_s=train, infer_ms=infer_ms, stored_mb=_mb(stored)
+        )
+        table.info[row] = {k: v for k, v in fusion.info.items() if k != "train_s"}
+        print(f"{row}: built in {built:.0f}s, {infer_ms:.1f} ms/item", flush=True)
+
+
+def available_elrea(ws: Workspace) -> dict[str, tuple[str, dict]]:
+    from lorafuse.elrea.pipeline import elrea_dir
+
+    have = {
+        c
+        for c in ("gradient", "random", "embedding")
+        if (elrea_dir(ws.library, c) / "elrea.json").is_file()
+    }
+    need = {
+        "elrea": "gradient",
+        "elrea_uniform": "gradient",
+        "elrea_random": "random",
+        "elrea_embedding": "embedding",
+    }
+    return {row: spec for row, spec in ELREA.items() if need[row] in have}
+
+
+def run_compare(ws: Workspace, out: str | Path, *, seed: int = 0, title: str = "") -> dict:
+    """Every method on the workspace's test split; writes and returns the results."""
+    started = time.perf_counter()
+    out = Path(out)
+    timings: dict[str, float] = {}
+    table = Table()
+    t0 = time.perf_counter()
+    ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
+    ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
+    timings["state_cache_s"] = time.perf_counter() - t0
+    steps = [
+        ("references_s", lambda: references(ws, table)),
+        ("ensembles_s", lambda: ensembles(ws, table)),
+        ("merges_s", lambda: merges(ws, table, out, seed)),
+        ("routing_s", lambda: fusions(ws, table, ROUTERS, seed)),
+        ("elrea_s", lambda: fusions(ws, table, available_elrea(ws), seed)),
+    ]
+    for key, step in steps:
+        t0 = time.perf_counter()
+        step()
+        timings[key] = time.perf_counter() - t0
+        print(f"{key[:-2]}: {timings[key]:.0f}s", flush=True)
+    timings["total_s"] = time.perf_counter() - started
+
+    examples = ws.examples("test")
+    reference = table.scores.get(ORACLE_ROW)
+    summaries = summaries_of(examples, table.scores, reference=reference)
+    for row, s in summaries.items():
+        s["family"] = table.family[row]
+        s["costs"] = table.costs[row]
+        if row in table.info:
+            s["info"] = table.info[row]
+    md = markdown_table(summaries, table.costs, table.family)
+    results = {
+        "methods": summaries,
+        "seed": seed,
+        "library": str(ws.library),
+        "timings": timings,
+        "config": {
+            "base_model": ws.base.name,
+            "split": "test",
+            "library_config": ws.manifest.config,
+        },
+        "versions": versions(),
+    }
+    title = title or "lorafuse compare"
+    atomic_write_json(out / "results.json", results)
+    plot_methods(
+        summaries, out / "methods.png", title=f"{title} (test split)", families=table.family
+    )
+    plot_task_heatmap(summaries, out / "tasks.png")
+    intro = (
+        f"Library {ws.library}; {len(examples)} test examples over {len(ws.suite.tasks)} tasks. "
+        "loss = mean answer-token NLL (answer + end-of-turn) ± standard error across tasks; "
+        "acc = greedy exact match (%); norm = accuracy / own expert's accuracy; costs: "
+        "training s (experts' own training not counted except for the oracle and multi-task "
+        "rows), inference ms per item on this machine, stored MB."
+    )
+    footer = "Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    atomic_write_text(
+        out / "report.md",
+        f"# {title}\n\n{intro}\n\n{md}\n\n![methods](methods.png)\n\n![tasks](tasks.png)\n\n"
+        f"{footer}\n",
+    )
+    atomic_write_text(
+        out / "report.html", html_report(title, intro, md, ["methods.png", "tasks.png"], footer)
+    )
+    results["table"] = md
+    return results
