@@ -14,7 +14,10 @@ def blobs(sizes: list[int], dim: int = 16, spread: float = 0.05, seed: int = 0) 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(len(sizes), dim))
     x = np.concatenate(
-        [c + spread * rng.normal(size=(n, dim)) * np.linalg.norm(c) for c, n in zip(centres, sizes)]
+        [
+            c + spread * rng.normal(size=(n, dim)) * np.linalg.norm(c)
+            for c, n in zip(centres, sizes, strict=True)
+        ]
     )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 

@@ -92,7 +92,7 @@ def plot_methods(
         ax1.legend(handles=[Patch(color=FAMILY_COLORS[f], label=f) for f in present], ncol=4)
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def html_report(title: str, intro: str, table_md: str, images: list[str], footer: str) -> str:
@@ -145,10 +145,10 @@ def plot_task_heatmap(summaries: Mapping[str, dict], path: str | Path) -> Path:
                 color = "white" if grid[i, j] < 60 else "black"
                 ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color=color)
     fig.colorbar(im, ax=ax, label="exact match (%)")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
-def _save_png(fig, path: str | Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
     """Write a figure atomically as PNG and free it."""
     import matplotlib.pyplot as plt
 

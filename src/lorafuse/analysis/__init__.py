@@ -1,0 +1,1 @@
+"""Analyses of a library: mode connectivity of two experts, expert selection."""
