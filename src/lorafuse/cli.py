@@ -327,6 +327,56 @@ def elrea_cmd(
         typer.echo(f"note: {note}")
 
 
+LibOpt = Annotated[Path | None, typer.Option(help="Library (default: the shipped one).")]
+
+
+@app.command("connectivity")
+def connectivity_cmd(
+    a: Annotated[str, typer.Option("--a", help="First expert (name in the library).")],
+    b: Annotated[str, typer.Option("--b", help="Second expert.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("analysis"),
+    grid: Annotated[int, typer.Option(help="Number of α values in [0, 1].")] = 11,
+    split: str = "test",
+    library: LibOpt = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    seed: SeedOpt = 0,
+) -> None:
+    """Loss along the interpolation of two experts (deltas and factors), with the oracle."""
+    from lorafuse.analysis.run import connectivity_command
+    from lorafuse.workspace import open_workspace
+
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    result = connectivity_command(ws, a, b, out, grid=grid, split=split)
+    for path, groups in result["curves"].items():
+        for group, ys in groups.items():
+            typer.echo(f"{path:8} {group:16} " + " ".join(f"{y:.3f}" for y in ys))
+    typer.echo(f"oracle: {result['oracle']}")
+    typer.echo(f"wrote {out}/connectivity.json, connectivity.png")
+
+
+@app.command("select")
+def select_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("analysis"),
+    how: Annotated[str, typer.Option(help="Fusion judged: 'average' or 'arrow'.")] = "average",
+    per_task: Annotated[int, typer.Option(help="Validation items per task.")] = 20,
+    library: LibOpt = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    seed: SeedOpt = 0,
+) -> None:
+    """Expert selection: greedy forward and hierarchical clusters, quality vs experts kept."""
+    from lorafuse.analysis.run import select_command
+    from lorafuse.workspace import open_workspace
+
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    result = select_command(ws, out, how=how, per_task=per_task, seed=seed)
+    typer.echo(f"greedy: {result['greedy']}")
+    for c, entry in result["clusters"].items():
+        typer.echo(f"{c} clusters: loss {entry['loss']:.4f}  {entry['clusters']}")
+    typer.echo(f"wrote {out}/selection.json, selection.png")
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods (for merge configs) and the fusion methods (for --method)."""

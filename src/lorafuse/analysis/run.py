@@ -1,0 +1,122 @@
+"""The analysis commands on a workspace: ``lorafuse connectivity`` and ``lorafuse select``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lorafuse.analysis.connectivity import connectivity, plot_connectivity
+from lorafuse.analysis.selection import cluster_selection, greedy_forward, plot_selection
+from lorafuse.errors import LorafuseError
+from lorafuse.eval.run import versions
+from lorafuse.fusion.base import evaluate
+from lorafuse.io import atomic_write_json
+from lorafuse.workspace import Workspace
+
+
+def _subsample(ws: Workspace, split: str, per_task: int | None) -> list[int]:
+    """Indices of at most ``per_task`` examples of every task (all when None)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, ex in enumerate(ws.examples(split)):
+        if per_task is None or seen.get(ex.task, 0) < per_task:
+            keep.append(i)
+            seen[ex.task] = seen.get(ex.task, 0) + 1
+    return keep
+
+
+def connectivity_command(
+    ws: Workspace, a: str, b: str, out: Path, *, grid: int = 11, split: str = "test"
+) -> dict:
+    """Interpolate private experts ``a`` and ``b``; losses per task, plot and JSON."""
+    for name in (a, b):
+        if name not in ws.adapters:
+            raise LorafuseError(
+                f"no expert {name!r} in {ws.library} (have: {', '.join(ws.adapters)})"
+            )
+    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    examples = ws.examples(split)
+    idx = [i for i, ex in enumerate(examples) if ex.task in {*tasks_of[a], *tasks_of[b]}]
+    if not idx:
+        raise LorafuseError(f"no {split} examples of the tasks of {a} and {b}")
+    encoded = [ws.encoded(split)[i] for i in idx]
+    local = [examples[i].task for i in idx]
+    groups = {t: [j for j, task in enumerate(local) if task == t] for t in dict.fromkeys(local)}
+    groups["both"] = list(range(len(idx)))
+    alphas = np.linspace(0.0, 1.0, grid).tolist()
+    paths = ("delta", "factors")
+    same_rank = all(
+        ws.adapters[a].module_rank(m) == ws.adapters[b].module_rank(m)
+        for m in ws.adapters[a].module_names
+    )
+    t0 = time.perf_counter()
+    curves = connectivity(
+        ws.base.model,
+        ws.adapters[a],
+        ws.adapters[b],
+        encoded,
+        groups,
+        ws.cache,
+        alphas=alphas,
+        paths=paths if same_rank else ("delta",),
+    )
+    # oracle: each input to its own task's expert
+    own = {n: evaluate(ws.base.model, _single(ws, n), encoded, ws.cache).loss for n in (a, b)}
+    owner = {t: n for n in (a, b) for t in tasks_of[n]}
+    oracle_loss = np.array([own[owner[t]][j] for j, t in enumerate(local)])
+    oracle = {g: float(oracle_loss[ix].mean()) for g, ix in groups.items()}
+    plot = plot_connectivity(alphas, curves, oracle, out / "connectivity.png", f"{a} ↔ {b}")
+    result = {
+        "a": a,
+        "b": b,
+        "split": split,
+        "alphas": alphas,
+        "curves": curves,
+        "oracle": oracle,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "plot": str(plot),
+        "versions": versions(),
+    }
+    atomic_write_json(out / "connectivity.json", result)
+    return result
+
+
+def _single(ws: Workspace, name: str):
+    from lorafuse.analysis.selection import fuse
+
+    return fuse([ws.adapters[name]], "average")
+
+
+def select_command(
+    ws: Workspace, out: Path, *, how: str = "average", per_task: int | None = 20, seed: int = 0
+) -> dict:
+    """Greedy forward and cluster selection of the private experts, judged on validation."""
+    idx = _subsample(ws, "val", per_task)
+    encoded = [ws.encoded("val")[i] for i in idx]
+    names = list(ws.private)
+    experts = list(ws.private.values())
+    t0 = time.perf_counter()
+    greedy = greedy_forward(ws.base.model, experts, encoded, ws.cache, how=how)
+    clusters = cluster_selection(ws.base.model, experts, encoded, ws.cache, how=how)
+    curves = {
+        f"greedy forward ({how})": {i + 1: loss for i, loss in enumerate(greedy.losses)},
+        f"hierarchical clusters ({how})": {c: loss for c, (_, loss) in clusters.items()},
+    }
+    plot = plot_selection(curves, out / "selection.png", f"expert selection ({len(idx)} val items)")
+    result = {
+        "how": how,
+        "n_val": len(idx),
+        "greedy": {"kept": [names[i] for i in greedy.kept], "losses": greedy.losses},
+        "clusters": {
+            str(c): {"clusters": [[names[i] for i in g] for g in groups], "loss": loss}
+            for c, (groups, loss) in clusters.items()
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+        "seed": seed,
+        "plot": str(plot),
+        "versions": versions(),
+    }
+    atomic_write_json(out / "selection.json", result)
+    return result
