@@ -265,3 +265,24 @@ def test_per_example_ensemble_weights_equal_each_example_alone(tiny_llama, tiny_
         alone = run(tiny_llama, ensemble_fusion(tiny_experts, w[i], "logit"), batch, states)
         rows = batch.rows == i
         torch.testing.assert_close(got[rows], alone[rows], atol=1e-5, rtol=0)
+
+
+def test_per_example_layer_router_uses_the_prompt_mean(tiny_llama, tiny_experts) -> None:
+    batch, states = batch_and_states(tiny_llama)
+    router = LayerRouter([0, 1], tiny_llama.config.hidden_size, 3)
+    torch.manual_seed(3)
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    fusion = Fusion("r", "routing", tiny_experts, router, route=router.route, hooks=router.hooked)
+    seen = {}
+    with installed(tiny_llama, fusion, 0) as log_probs, torch.no_grad():
+        hook = tiny_llama.model.layers[1].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(h=args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        log_probs(states, batch)
+        hook.remove()
+        w = router.current[1]
+        logits = router.proj["1"](seen["h"])[:, :PROMPT_LEN].mean(1)
+    assert w.shape == (3, 3)  # one weight vector per example
+    torch.testing.assert_close(w, F.softmax(logits, -1), atol=1e-6, rtol=0)

@@ -49,6 +49,7 @@ class ElreaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_adapter: str = "multitask"
+    train_per_task: int | None = Field(100, ge=1)  # examples featurised per task (None: all)
     clustering: Clusterer = "gradient"
     n_clusters: int = Field(5, ge=1)
     dim: int = Field(1024, ge=1, le=8192)
@@ -61,6 +62,17 @@ class ElreaConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
     seed: int = 0
+
+
+def _per_task(ws: Workspace, cap: int | None) -> list[int]:
+    """Training indices, at most ``cap`` per task (in order), to bound the CPU cost."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, ex in enumerate(ws.examples("train")):
+        if cap is None or seen.get(ex.task, 0) < cap:
+            keep.append(i)
+            seen[ex.task] = seen.get(ex.task, 0) + 1
+    return keep
 
 
 def elrea_dir(library: str | Path, clustering: str) -> Path:
@@ -101,7 +113,7 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
     if config.base_adapter not in ws.adapters:
         raise LorafuseError(f"no adapter {config.base_adapter!r} in {ws.library} for ELREA's base")
     started = time.perf_counter()
-    train = ws.encoded("train")
+    train = [ws.encoded("train")[i] for i in _per_task(ws, config.train_per_task)]
     base_path = ws.adapters[config.base_adapter].path
     out.mkdir(parents=True, exist_ok=True)
     v_file = out / "second_moment.safetensors"

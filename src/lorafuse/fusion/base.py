@@ -86,13 +86,17 @@ def ensemble_log_probs(
     return combine(logits, weights, fusion.ensemble.mode)
 
 
+def prompt_mask(batch: Batch, width: int) -> torch.Tensor:
+    """(B, T) True at each row's prompt positions (before its first target)."""
+    b = len(batch.lengths)
+    first_target = torch.full((b,), width, dtype=torch.long)
+    first_target = first_target.scatter_reduce(0, batch.rows, batch.positions + 1, reduce="amin")
+    return torch.arange(width)[None, :] < first_target[:, None]
+
+
 def prompt_mean(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean of each row's hidden states over its prompt tokens: (B, T, H) -> (B, H)."""
-    b, t = hidden.shape[:2]
-    first_target = torch.full((b,), t, dtype=torch.long)
-    first_target = first_target.scatter_reduce(0, batch.rows, batch.positions + 1, reduce="amin")
-    mask = torch.arange(t)[None, :] < first_target[:, None]
-    mask = mask.to(hidden.device, hidden.dtype)[..., None]
+    mask = prompt_mask(batch, hidden.shape[1]).to(hidden.device, hidden.dtype)[..., None]
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 

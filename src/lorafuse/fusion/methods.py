@@ -125,14 +125,24 @@ def arrow(ws: Workspace, *, top_k: int = 2, temperature: float = 0.1, seed: int 
     )
 
 
-def learned_router(ws: Workspace, *, steps: int = 60, lr: float = 0.01, seed: int = 0) -> Fusion:
-    """A linear router per layer (per token), trained on validation loss, experts frozen."""
+def learned_router(
+    ws: Workspace,
+    *,
+    steps: int = 40,
+    lr: float = 0.05,
+    per_example: bool = True,
+    seed: int = 0,
+) -> Fusion:
+    """A linear router per layer on its input (per prompt, or per token), trained on
+    validation loss with the experts frozen."""
     experts = list(ws.private.values())
     layers = sorted({layer_index(m) for m in experts[0].module_names})
     hidden = ws.base.model.config.hidden_size
     torch.manual_seed(seed)
-    router = LayerRouter(layers, hidden, len(experts))
-    fusion = Fusion("learned_router", "routing", experts, router, hooks=router.hooked)
+    router = LayerRouter(layers, hidden, len(experts), per_example=per_example)
+    fusion = Fusion(
+        "learned_router", "routing", experts, router, route=router.route, hooks=router.hooked
+    )
     started = time.perf_counter()
     with installed(ws.base.model, fusion, ws.cache.split) as log_probs:
         fit_parameters(

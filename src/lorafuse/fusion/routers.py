@@ -62,18 +62,44 @@ class ArrowRouter:
 
 
 class LayerRouter(nn.Module):
-    """A linear router per decoder layer on the layer's input; weights (B, T, K) per token."""
+    """A linear router per decoder layer on the layer's input hidden states.
 
-    def __init__(self, layers: Sequence[int], hidden: int, k: int, temperature: float = 1.0):
+    ``per_example=True`` (default): the router's logits are averaged over the prompt tokens,
+    one weight vector per example and layer, reused for every answer / generated token
+    (set ``mask`` (B, T) to the prompt positions, or let the first call of a ``generate``
+    - the prompt - define them). ``per_example=False``: weights per token.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        hidden: int,
+        k: int,
+        temperature: float = 1.0,
+        per_example: bool = True,
+    ):
         super().__init__()
         self.proj = nn.ModuleDict({str(layer): nn.Linear(hidden, k) for layer in layers})
         for p in self.proj.parameters():
             nn.init.zeros_(p)
         self.temperature = temperature
+        self.per_example = per_example
+        self.mask: torch.Tensor | None = None  # (B, T) prompt positions, set per batch
         self.current: dict[int, torch.Tensor] = {}
 
     def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
         return self.current[module.layer]
+
+    def _layer_weights(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        logits = self.proj[str(layer)](h) / self.temperature  # (B, T, K)
+        if not self.per_example:
+            return F.softmax(logits, dim=-1)
+        if self.mask is not None:
+            m = self.mask.to(h.device, h.dtype)[..., None]
+            return F.softmax((logits * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+        if h.shape[1] == 1 and layer in self.current:  # generate: keep the prompt's weights
+            return self.current[layer]
+        return F.softmax(logits.mean(1), dim=-1)
 
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[None]:
@@ -85,8 +111,7 @@ class LayerRouter(nn.Module):
 
             def hook(mod, args, kwargs, layer=layer):
                 h = args[0] if args else kwargs["hidden_states"]
-                logits = self.proj[str(layer)](h) / self.temperature
-                self.current[layer] = F.softmax(logits, dim=-1)
+                self.current[layer] = self._layer_weights(layer, h)
 
             handles.append(layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
         try:
@@ -95,3 +120,10 @@ class LayerRouter(nn.Module):
             for handle in handles:
                 handle.remove()
             self.current.clear()
+            self.mask = None
+
+    def route(self, model: nn.Module, states: torch.Tensor, batch) -> None:
+        """Before each scored batch: the prompt mask for per-example routing."""
+        from lorafuse.fusion.base import prompt_mask
+
+        self.mask = prompt_mask(batch, states.shape[1])
