@@ -43,6 +43,7 @@ MERGES: dict[str, tuple[str, dict]] = {
 LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
 ENSEMBLES = ["ensemble_prob", "ensemble_logit", "ensemble_learned"]
+ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
 # Routing methods (fitted on the validation split where they learn): row -> (method, params).
 ROUTERS: dict[str, tuple[str, dict]] = {
     "arrow": ("arrow", {}),
@@ -165,7 +166,8 @@ def ensembles(ws: Workspace, table: Table) -> None:
     experts = list(ws.private.values())
     k = len(experts)
     t0 = time.perf_counter()
-    lp, rows = target_log_probs(ws.base.model, experts, ws.encoded("val"), ws.cache)
+    val = [ws.encoded("val")[i] for i in ws.per_task("val", ENSEMBLE_VAL_PER_TASK)]
+    lp, rows = target_log_probs(ws.base.model, experts, val, ws.cache)
     learned = fit_mixture_weights(lp, rows)
     fit_s = time.perf_counter() - t0
     uniform = torch.full((k,), 1.0 / k)

@@ -44,11 +44,26 @@ class Workspace:
     def examples(self, split: str) -> list[Example]:
         return self.suite.get(split)
 
+    def per_task(self, split: str, cap: int | None) -> list[int]:
+        """Indices of the split's examples, at most ``cap`` per task, in order (all if None)."""
+        return cap_per_task([ex.task for ex in self.examples(split)], cap)
+
     def encoded(self, split: str) -> list[Encoded]:
         """The split's examples tokenised (once) with the chat template."""
         if split not in self._encoded:
             self._encoded[split] = encode_examples(self.base.tokenizer, self.examples(split))
         return self._encoded[split]
+
+
+def cap_per_task(tasks: list[str], cap: int | None) -> list[int]:
+    """Indices keeping at most ``cap`` items of each task label, in order (all if None)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, t in enumerate(tasks):
+        if cap is None or seen.get(t, 0) < cap:
+            keep.append(i)
+            seen[t] = seen.get(t, 0) + 1
+    return keep
 
 
 def open_workspace(

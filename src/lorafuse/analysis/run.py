@@ -16,17 +16,6 @@ from lorafuse.io import atomic_write_json
 from lorafuse.workspace import Workspace
 
 
-def _subsample(ws: Workspace, split: str, per_task: int | None) -> list[int]:
-    """Indices of at most ``per_task`` examples of every task (all when None)."""
-    seen: dict[str, int] = {}
-    keep = []
-    for i, ex in enumerate(ws.examples(split)):
-        if per_task is None or seen.get(ex.task, 0) < per_task:
-            keep.append(i)
-            seen[ex.task] = seen.get(ex.task, 0) + 1
-    return keep
-
-
 def connectivity_command(
     ws: Workspace, a: str, b: str, out: Path, *, grid: int = 11, split: str = "test"
 ) -> dict:
@@ -93,7 +82,7 @@ def select_command(
     ws: Workspace, out: Path, *, how: str = "average", per_task: int | None = 20, seed: int = 0
 ) -> dict:
     """Greedy forward and cluster selection of the private experts, judged on validation."""
-    idx = _subsample(ws, "val", per_task)
+    idx = ws.per_task("val", per_task)
     encoded = [ws.encoded("val")[i] for i in idx]
     names = list(ws.private)
     experts = list(ws.private.values())

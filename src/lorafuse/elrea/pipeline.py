@@ -64,17 +64,6 @@ class ElreaConfig(BaseModel):
     seed: int = 0
 
 
-def _per_task(ws: Workspace, cap: int | None) -> list[int]:
-    """Training indices, at most ``cap`` per task (in order), to bound the CPU cost."""
-    seen: dict[str, int] = {}
-    keep = []
-    for i, ex in enumerate(ws.examples("train")):
-        if cap is None or seen.get(ex.task, 0) < cap:
-            keep.append(i)
-            seen[ex.task] = seen.get(ex.task, 0) + 1
-    return keep
-
-
 def elrea_dir(library: str | Path, clustering: str) -> Path:
     """Where a library keeps the ELREA build of one clustering."""
     return Path(library) / "elrea" / clustering
@@ -113,7 +102,7 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
     if config.base_adapter not in ws.adapters:
         raise LorafuseError(f"no adapter {config.base_adapter!r} in {ws.library} for ELREA's base")
     started = time.perf_counter()
-    train = [ws.encoded("train")[i] for i in _per_task(ws, config.train_per_task)]
+    train = [ws.encoded("train")[i] for i in ws.per_task("train", config.train_per_task)]
     base_path = ws.adapters[config.base_adapter].path
     out.mkdir(parents=True, exist_ok=True)
     v_file = out / "second_moment.safetensors"

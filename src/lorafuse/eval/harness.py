@@ -70,15 +70,21 @@ def score_examples(
     correct = np.zeros(len(encoded), dtype=bool)
     for idx in length_batches(encoded, max_tokens):
         batch = collate([encoded[i] for i in idx], pad)
-        lp = log_probs(pad_states([states[i] for i in idx]).to(device), batch).cpu()
-        nll = -lp.gather(1, batch.targets[:, None]).squeeze(1)
-        hit = (lp.argmax(-1) == batch.targets).float()
-        n = torch.bincount(batch.rows, minlength=len(idx)).float()
-        ex_loss = torch.zeros(len(idx)).index_add_(0, batch.rows, nll) / n
-        ex_hit = torch.zeros(len(idx)).index_add_(0, batch.rows, hit) == n
-        loss[idx] = ex_loss.numpy()
-        correct[idx] = ex_hit.numpy()
+        lp = log_probs(pad_states([states[i] for i in idx]).to(device), batch)
+        loss[idx], correct[idx] = batch_scores(lp, batch)
     return ExampleScores(loss, correct)
+
+
+def batch_scores(log_probs: torch.Tensor, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example mean target NLL and greedy exact match from (N, V) log-probs."""
+    lp = log_probs.cpu()
+    b = len(batch.lengths)
+    nll = -lp.gather(1, batch.targets[:, None]).squeeze(1)
+    hit = (lp.argmax(-1) == batch.targets).float()
+    n = torch.bincount(batch.rows, minlength=b).float()
+    loss = torch.zeros(b).index_add_(0, batch.rows, nll) / n
+    ok = torch.zeros(b).index_add_(0, batch.rows, hit) == n
+    return loss.numpy(), ok.numpy()
 
 
 @dataclass

@@ -9,7 +9,7 @@ the target tokens, so it is fitted on those (N x K numbers), not by re-running t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from lorafuse.core.encode import Batch, Encoded, collate
 from lorafuse.core.forward import target_logits
 from lorafuse.core.mixture import BatchMixer, FactorSource, mixture_of_loras
 from lorafuse.core.states import StateCache, pad_states
-from lorafuse.eval.harness import ExampleScores, length_batches
+from lorafuse.eval.harness import ExampleScores, batch_scores, length_batches
 
 
 def widen(batch: Batch, k: int) -> Batch:
@@ -62,6 +62,25 @@ def combine(logits: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Ten
     return torch.logsumexp(F.log_softmax(logits, dim=-1) + log_w, dim=0)
 
 
+def expert_passes(
+    model: torch.nn.Module,
+    experts: Sequence[FactorSource],
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    max_tokens: int = 2048,
+) -> Iterator[tuple[list[int], Batch, torch.Tensor]]:
+    """Batches of examples (by length) with all K experts' target logits (K, N, V)."""
+    states = cache.get(encoded, desc="ensemble: states")
+    pad = cache.base.tokenizer.pad_token_id
+    k = len(experts)
+    mixer = BatchMixer()
+    with mixture_of_loras(model, experts, mixer):
+        for idx in length_batches(encoded, max_tokens // k):
+            batch = collate([encoded[i] for i in idx], pad)
+            padded = pad_states([states[i] for i in idx])
+            yield idx, batch, replicated_logits(model, k, mixer, padded, batch, cache.split)
+
+
 @torch.no_grad()
 def score_ensembles(
     model: torch.nn.Module,
@@ -69,30 +88,15 @@ def score_ensembles(
     encoded: Sequence[Encoded],
     cache: StateCache,
     variants: Mapping[str, tuple[torch.Tensor, str]],
-    *,
-    max_tokens: int = 2048,
 ) -> dict[str, ExampleScores]:
     """Scores of every ``name -> (weights, mode)`` combination, one expert pass per batch."""
-    states = cache.get(encoded, desc="ensemble: states")
-    pad = cache.base.tokenizer.pad_token_id
-    k = len(experts)
-    out = {n: ExampleScores(np.zeros(len(encoded)), np.zeros(len(encoded), bool)) for n in variants}
-    mixer = BatchMixer()
-    with mixture_of_loras(model, experts, mixer):
-        for idx in length_batches(encoded, max_tokens // k):
-            batch = collate([encoded[i] for i in idx], pad)
-            logits = replicated_logits(
-                model, k, mixer, pad_states([states[i] for i in idx]), batch, cache.split
+    n = len(encoded)
+    out = {name: ExampleScores(np.zeros(n), np.zeros(n, bool)) for name in variants}
+    for idx, batch, logits in expert_passes(model, experts, encoded, cache):
+        for name, (weights, mode) in variants.items():
+            out[name].loss[idx], out[name].correct[idx] = batch_scores(
+                combine(logits, weights, mode), batch
             )
-            for name, (weights, mode) in variants.items():
-                lp = combine(logits, weights, mode).cpu()
-                nll = -lp.gather(1, batch.targets[:, None]).squeeze(1)
-                hit = (lp.argmax(-1) == batch.targets).float()
-                n = torch.bincount(batch.rows, minlength=len(idx)).float()
-                loss = torch.zeros(len(idx)).index_add_(0, batch.rows, nll) / n
-                ok = torch.zeros(len(idx)).index_add_(0, batch.rows, hit) == n
-                out[name].loss[idx] = loss.numpy()
-                out[name].correct[idx] = ok.numpy()
     return out
 
 
@@ -102,24 +106,14 @@ def target_log_probs(
     experts: Sequence[FactorSource],
     encoded: Sequence[Encoded],
     cache: StateCache,
-    *,
-    max_tokens: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert's log-probability of every target token: (N, K), and its example index."""
-    states = cache.get(encoded, desc="ensemble: states")
-    pad = cache.base.tokenizer.pad_token_id
-    k = len(experts)
     parts, rows = [], []
-    mixer = BatchMixer()
-    with mixture_of_loras(model, experts, mixer):
-        for idx in length_batches(encoded, max_tokens // k):
-            batch = collate([encoded[i] for i in idx], pad)
-            logits = replicated_logits(
-                model, k, mixer, pad_states([states[i] for i in idx]), batch, cache.split
-            )
-            lp = F.log_softmax(logits, -1).gather(2, batch.targets[None, :, None].expand(k, -1, 1))
-            parts.append(lp.squeeze(2).T.cpu())
-            rows.append(torch.tensor(idx)[batch.rows])
+    for idx, batch, logits in expert_passes(model, experts, encoded, cache):
+        k = logits.shape[0]
+        lp = F.log_softmax(logits, -1).gather(2, batch.targets[None, :, None].expand(k, -1, 1))
+        parts.append(lp.squeeze(2).T.cpu())
+        rows.append(torch.tensor(idx)[batch.rows])
     return torch.cat(parts), torch.cat(rows)
 
 

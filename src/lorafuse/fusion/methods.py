@@ -88,6 +88,7 @@ def ensemble(
     mode: str = "prob",
     learn: bool = False,
     steps: int = 300,
+    val_per_task: int | None = 25,
     seed: int = 0,
 ) -> Fusion:
     """Average the experts' outputs (probabilities or logits), uniform or learned weights."""
@@ -101,7 +102,8 @@ def ensemble(
     info: dict[str, Any] = {}
     if learn:
         started = time.perf_counter()
-        lp, rows = target_log_probs(ws.base.model, experts, ws.encoded(VAL), ws.cache)
+        val = [ws.encoded(VAL)[i] for i in ws.per_task(VAL, val_per_task)]
+        lp, rows = target_log_probs(ws.base.model, experts, val, ws.cache)
         weights = fit_mixture_weights(lp, rows, steps=steps)
         info = {"train_s": time.perf_counter() - started, "weights": weights.tolist()}
     return Fusion(
@@ -233,7 +235,7 @@ def _twin_parts(
     missing = {ex.task for ex in val_examples} - set(ws.expert_of)
     if missing:
         raise LorafuseError(f"twin: no private expert for task(s) {', '.join(sorted(missing))}")
-    keep = _cap_per_task([ex.task for ex in val_examples], max_per_task)
+    keep = ws.per_task(VAL, max_per_task)
     labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
     mixer = BatchMixer()
     with mixture_of_loras(ws.base.model, sources, mixer, shared_set):
@@ -264,16 +266,6 @@ def hierarchical(
         ArrowRouter(top_k=top_k, temperature=temperature),
         info={"clusters": [[names[i] for i in c] for c in clusters]},
     )
-
-
-def _cap_per_task(tasks: list[str], cap: int) -> list[int]:
-    seen: dict[str, int] = {}
-    keep = []
-    for i, t in enumerate(tasks):
-        if seen.get(t, 0) < cap:
-            keep.append(i)
-            seen[t] = seen.get(t, 0) + 1
-    return keep
 
 
 def elrea(
