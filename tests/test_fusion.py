@@ -283,6 +283,7 @@ def test_per_example_layer_router_uses_the_prompt_mean(tiny_llama, tiny_experts)
         log_probs(states, batch)
         hook.remove()
         w = router.current[1]
-        logits = router.proj["1"](seen["h"])[:, :PROMPT_LEN].mean(1)
+        logits = router.proj["1"](F.layer_norm(seen["h"], seen["h"].shape[-1:]))
+        logits = logits[:, :PROMPT_LEN].mean(1)
     assert w.shape == (3, 3)  # one weight vector per example
     torch.testing.assert_close(w, F.softmax(logits, -1), atol=1e-6, rtol=0)

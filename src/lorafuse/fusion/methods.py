@@ -131,7 +131,7 @@ def learned_router(
     ws: Workspace,
     *,
     steps: int = 40,
-    lr: float = 0.05,
+    lr: float = 0.01,
     per_example: bool = True,
     seed: int = 0,
 ) -> Fusion:
@@ -147,7 +147,7 @@ def learned_router(
     )
     started = time.perf_counter()
     with installed(ws.base.model, fusion, ws.cache.split) as log_probs:
-        fit_parameters(
+        history = fit_parameters(
             router.parameters(),
             lambda s, b: per_example_nll(log_probs(s, b), b, log_probs=True),
             ws.encoded(VAL),
@@ -158,7 +158,12 @@ def learned_router(
             desc="learned router",
         )
     router.requires_grad_(False)
-    fusion.info = {"train_s": time.perf_counter() - started, "steps": steps, "lr": lr}
+    fusion.info = {
+        "train_s": time.perf_counter() - started,
+        "steps": steps,
+        "lr": lr,
+        "val_loss_first_last": [history[0], history[-1]],
+    }
     return fusion
 
 

@@ -91,6 +91,8 @@ class LayerRouter(nn.Module):
         return self.current[module.layer]
 
     def _layer_weights(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        # the residual stream's scale grows with depth: normalise so logits start small
+        h = F.layer_norm(h, h.shape[-1:])
         logits = self.proj[str(layer)](h) / self.temperature  # (B, T, K)
         if not self.per_example:
             return F.softmax(logits, dim=-1)
