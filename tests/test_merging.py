@@ -19,14 +19,22 @@ from lorafuse.merging import (
     MergeMethod,
     compress_dense,
     compress_factors,
+    dense_methods,
     factor_svd,
     get_method,
     merge,
     register,
 )
-from lorafuse.merging.dense_methods import generalized_task_arithmetic, magnitude_prune
+from lorafuse.merging.dense_methods import (
+    generalized_task_arithmetic,
+    largest_mask,
+    magnitude_prune,
+    random_drop,
+)
 from lorafuse.merging.factor_methods import lowrank_average
-from lorafuse.merging.registry import MergeParams
+from lorafuse.merging.merge import Workspace, stack_deltas
+from lorafuse.merging.registry import DenseParams, MergeParams
+from lorafuse.merging.svd import gram_svd
 
 INPUT_IDS = torch.tensor([[3, 17, 9, 88, 41, 5, 120, 64], [7, 7, 2, 99, 31, 11, 4, 60]])
 TARGETS = ["q_proj", "v_proj"]  # q_proj is 32 x 32, v_proj 16 x 32 in the tiny Llama
@@ -120,6 +128,120 @@ def test_magnitude_prune_keeps_round_density_n() -> None:
     assert int((magnitude_prune(torch.randn(100), 0.29) != 0).sum()) == 29
 
 
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: per row, the entries ``torch.topk`` keeps (what PEFT prunes with)."""
+    mask = torch.zeros(values.shape, dtype=torch.bool)
+    for row in range(values.shape[0]):
+        if k > 0:
+            mask[row, torch.topk(values[row], k).indices] = True
+    return mask
+
+
+def topk_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The previous (and PEFT's) magnitude pruning: topk of |delta| + scatter."""
+    k = round(density * delta.numel())
+    return delta * topk_mask(delta.abs().reshape(1, -1), k).reshape(delta.shape)
+
+
+def tied_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Magnitudes on a coarse grid: many entries tie at any threshold."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 7, shape, generator=gen).float() / 4
+
+
+# rows of 600 entries are searched whole; rows of 40_000 (>= 2**15) go through the sampled
+# bracket around the threshold
+@pytest.mark.parametrize("n", [600, 40_000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_largest_mask_keeps_what_topk_keeps(n: int, ties: bool) -> None:
+    """Same survivors as torch.topk, row by row, with and without ties at the threshold."""
+    values = tied_values((3, n), 1) if ties else torch.randn(3, n).abs()
+    if not ties:  # a few exact ties away from and at the threshold all the same
+        values[1, :50] = values[1, 50]
+        kth = torch.kthvalue(values[2], n // 2).values
+        values[2, :3] = kth
+    for k in (0, 1, n // 10, n // 2, n // 2 + 1, n - 1, n):
+        got = largest_mask(values, k)
+        assert got.sum(dim=1).tolist() == [k, k, k]
+        assert torch.equal(got, topk_mask(values, k)), k
+
+
+def test_largest_mask_missed_bracket_and_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bracket too narrow to hold the threshold falls back to the whole row, exactly; NaNs
+    rank first, as in topk."""
+    monkeypatch.setattr(dense_methods, "_BRACKET_SIGMAS", 0.0)
+    values = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(3)).abs()
+    values[4, ::997] = float("nan")
+    for k in (1_000, 25_000, 49_000):
+        assert torch.equal(largest_mask(values, k), topk_mask(values, k))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_magnitude_prune_equals_topk_prune(ties: bool) -> None:
+    for shape in ((7, 9), (200, 300)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+        if ties:
+            x = tied_values(shape, 2) * x.sign()
+        for density in (0.1, 0.3, 0.5, 0.77):
+            assert torch.equal(magnitude_prune(x, density), topk_prune(x, density))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_drop_draws_bernoulli_masks(dtype: torch.dtype) -> None:
+    """rand < density is the mask torch.bernoulli draws (PEFT's), from the same RNG stream."""
+    x = torch.randn(3, 70, 50, dtype=dtype)
+    for density in (0.1, 0.3, 0.5, 0.9, 0.123456789):
+        ours, ref = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        got = random_drop(x, density, ours)
+        masks = [torch.bernoulli(torch.full_like(e, density), generator=ref) for e in x]
+        assert torch.equal(got, x * torch.stack(masks) / density)
+        assert torch.equal(ours.get_state(), ref.get_state())  # as many numbers drawn
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_dense_methods_equal_peft_bitwise_on_stacks(ties: bool, sign: str) -> None:
+    """A (K, d_out, d_in) stack as the driver passes it: PEFT's results to the bit (long rows:
+    the sampled threshold path), and the input is left alone."""
+    gen = torch.Generator().manual_seed(6)
+    stack = torch.randn(4, 160, 250, generator=gen)
+    if ties:
+        stack = tied_values(tuple(stack.shape), 3) * stack.sign()
+    before = stack.clone()
+    deltas = list(stack)
+    w = [0.7, -0.4, 1.2, 0.5]
+    tw = torch.tensor(w)
+    got = dense("ties", stack, w, density=0.5, majority_sign=sign)
+    assert torch.equal(got, merge_utils.ties(deltas, tw, 0.5, sign))
+    assert torch.equal(got, dense("ties", deltas, w, density=0.5, majority_sign=sign))
+    assert torch.equal(
+        dense("magnitude", stack, w, density=0.5), merge_utils.magnitude_prune(deltas, tw, 0.5)
+    )
+    torch.manual_seed(21)
+    peft_dt = merge_utils.dare_ties(deltas, tw, 0.4, sign)
+    assert torch.equal(
+        dense("dare_ties", stack, w, density=0.4, seed=21, majority_sign=sign), peft_dt
+    )
+    torch.manual_seed(22)
+    peft_dl = merge_utils.dare_linear(deltas, tw, 0.4)
+    assert torch.equal(dense("dare_linear", stack, w, density=0.4, seed=22), peft_dl)
+    assert torch.equal(stack, before)
+
+
+def test_stack_deltas_equals_delta() -> None:
+    parts = [random_factors(r, s, seed) for r, s, seed in ((2, 0.5, 1), (3, 2.0, 2))]
+    assert torch.equal(stack_deltas(parts), torch.stack([p.delta() for p in parts]))
+    # on a workspace reused across shapes: same values, one buffer grown to the largest
+    workspace = Workspace()
+    small = [random_factors(2, 1.5, seed, d_out=4, d_in=3) for seed in (5, 6)]
+    for group in (parts, small, parts):
+        got = stack_deltas(group, workspace)
+        assert torch.equal(got, torch.stack([p.delta() for p in group]))
+    assert got.untyped_storage().data_ptr() == stack_deltas(small, workspace).data_ptr()
+    with pytest.raises(ValueError, match="shape"):
+        stack_deltas([parts[0], random_factors(2, 1.0, 3, d_out=5)])
+
+
 def test_dare_density_one_is_linear() -> None:
     gen = torch.Generator().manual_seed(1)
     deltas = [torch.randn(4, 5, generator=gen) for _ in range(3)]
@@ -207,14 +329,69 @@ def test_compress_dense_randomized_is_seeded_and_leaves_global_rng() -> None:
     delta = random_factors(4, 1.0, 5, d_out=40, d_in=30).delta().float()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = compress_dense(delta, 4, randomized=True, seed=1)
+    a = compress_dense(delta, 4, svd="randomized", seed=1)
     assert torch.equal(before, torch.get_rng_state())
-    b = compress_dense(delta, 4, randomized=True, seed=1)
+    b = compress_dense(delta, 4, svd="randomized", seed=1)
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
     torch.testing.assert_close(a.delta(), delta, atol=1e-4, rtol=0)  # exact rank 4: recovered
     full = compress_dense(delta, 2)
-    approx = compress_dense(delta, 2, randomized=True, niter=4, seed=2)
+    approx = compress_dense(delta, 2, svd="randomized", niter=4, seed=2)
     torch.testing.assert_close(approx.delta(), full.delta(), atol=1e-3, rtol=0)
+
+
+def spectrum_test_matrix(d_out: int, d_in: int, seed: int, dtype=torch.float32):
+    """A low-rank part plus full-rank noise (like a TIES merge), close singular values."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.randn(d_out, 12, generator=gen) @ torch.randn(12, d_in, generator=gen)
+    return (low + 0.5 * torch.randn(d_out, d_in, generator=gen)).to(dtype)
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(90, 40), (40, 90), (64, 64)])
+def test_gram_svd_equals_full_svd_truncation(d_out: int, d_in: int) -> None:
+    """Top singular values equal the full SVD's; the rank-r product is the full SVD's
+    truncation, with the same reconstruction error to 1e-6 relative (float32 input)."""
+    m = spectrum_test_matrix(d_out, d_in, 7)
+    u_f, s_f, vh_f = torch.linalg.svd(m.double(), full_matrices=False)
+    for r in (1, 5, 16, min(d_out, d_in) - 1):
+        u, s, vh = gram_svd(m, r)
+        assert u.shape == (d_out, r) and s.shape == (r,) and vh.shape == (r, d_in)
+        torch.testing.assert_close(s, s_f[:r], rtol=1e-10, atol=0)
+        torch.testing.assert_close(u.T @ u, torch.eye(r, dtype=torch.float64))
+        torch.testing.assert_close(vh @ vh.T, torch.eye(r, dtype=torch.float64))
+        want = (u_f[:, :r] * s_f[:r]) @ vh_f[:r]
+        torch.testing.assert_close((u * s) @ vh, want, rtol=0, atol=1e-9)
+        err_full = float(torch.linalg.matrix_norm(m.double() - want))
+        if r > 16:  # the error is then at the level of the float32 factors' rounding
+            continue
+        for svd in ("gram", "full"):
+            approx = compress_dense(m, r, svd=svd).delta().double()
+            err = float(torch.linalg.matrix_norm(m.double() - approx))
+            assert abs(err - err_full) <= 1e-6 * err_full, (svd, r)
+
+
+def test_gram_svd_rank_deficient_and_full_rank() -> None:
+    f = random_factors(5, 0.7, 8, d_out=30, d_in=20)  # float64, rank 5
+    delta = f.delta()
+    for r in (5, 20, 50):  # at and beyond the rank: the product is the delta
+        torch.testing.assert_close(compress_dense(delta, r).delta(), delta, atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            compress_dense(delta.T.contiguous(), r).delta(), delta.T, atol=1e-10, rtol=0
+        )
+    assert compress_dense(delta, 50).rank == 20
+    with pytest.raises(ValueError, match="unknown svd 'nope'"):
+        compress_dense(delta, 2, svd="nope")  # type: ignore[arg-type]
+
+
+def test_gram_is_the_default_and_matches_full_through_the_driver(
+    adapters: list[LoraAdapter],
+) -> None:
+    assert DenseParams().svd == "gram"
+    gram = merge(adapters, "ties", density=0.5, rank=3, progress=False)
+    full = merge(adapters, "ties", density=0.5, rank=3, svd="full", progress=False)
+    rand = merge(adapters, "ties", density=0.5, rank=3, svd="randomized", progress=False)
+    for module, f in gram.items():
+        torch.testing.assert_close(f.delta(), full[module].delta(), atol=1e-5, rtol=0)
+        assert rand[module].rank == 3
 
 
 # ------------------------------------------------------------------------------ registry

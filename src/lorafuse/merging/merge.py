@@ -5,10 +5,13 @@ For each module only the K experts' factors of that module are loaded; the metho
 
 * factor-space methods return factors directly: exact when ``rank`` is None, else the best
   rank-``rank`` approximation (``compress_factors``, no dense matrix formed);
-* dense-space methods get the experts' dense fp32 deltas and return a dense delta, which is
-  compressed to rank ``rank`` by truncated SVD; ``rank=None`` means ``sum_k r_k`` (capped at
-  ``min(d_out, d_in)``). TIES/DARE/magnitude outputs are generally full-rank, so that
-  re-compression is lossy unless ``rank >= min(d_out, d_in)``.
+* dense-space methods get the experts' dense fp32 deltas, stacked in one (K, d_out, d_in)
+  tensor (a sequence of the K deltas: ``len``, indexing and iteration work as on a list),
+  and return a dense delta, which is compressed to rank ``rank`` by truncated SVD
+  (``svd``: ``"gram"``, exact and the default; ``"full"``; ``"randomized"``, see
+  ``compress_dense``); ``rank=None`` means ``sum_k r_k`` (capped at ``min(d_out, d_in)``).
+  TIES/DARE/magnitude outputs are generally full-rank, so that re-compression is lossy
+  unless ``rank >= min(d_out, d_in)``.
 
 Randomness (DARE drops, randomized SVD) is seeded per module from ``(seed, module name)``, so
 results are reproducible and do not depend on iteration order or on the other modules.
@@ -21,6 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from lorafuse.errors import LorafuseError
@@ -28,7 +32,14 @@ from lorafuse.library import LoraAdapter, LoraFactors
 from lorafuse.merging.registry import MergeMethod, MergeParams, get_method
 from lorafuse.merging.svd import compress_dense, compress_factors
 
-__all__ = ["merge", "merge_module", "module_seed", "resolve_weights"]
+__all__ = [
+    "Workspace",
+    "merge",
+    "merge_module",
+    "module_seed",
+    "resolve_weights",
+    "stack_deltas",
+]
 
 _DRIVER_FIELDS = ("rank", "svd", "svd_niter")  # used here, not passed to the method's fn
 
@@ -55,11 +66,33 @@ def merge(
     w = resolve_weights(spec, len(adapters), weights)
     modules = adapters[0].module_names
     out: dict[str, LoraFactors] = {}
+    workspace = Workspace()
     for module in tqdm(modules, desc=f"merge {method}", unit="module", disable=not progress):
         parts = [a.factors(module) for a in adapters]
         seed = module_seed(getattr(parsed, "seed", 0), module)
-        out[module] = merge_module(spec, parts, w, parsed, seed=seed)
+        out[module] = merge_module(spec, parts, w, parsed, seed=seed, workspace=workspace)
     return out
+
+
+class Workspace:
+    """One flat buffer that holds each module's stacked deltas in turn (grown to the largest
+    so far), so that module after module reuses the same memory: a fresh tensor of that size
+    costs page faults about as long as filling it."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A tensor of ``shape`` on the buffer (its contents undefined), valid until the next
+        ``take``."""
+        n = math.prod(shape)
+        buf = self._buffer
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            self._buffer = buf = None  # free the old one first
+            self._buffer = buf = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 def merge_module(
@@ -69,14 +102,18 @@ def merge_module(
     params: MergeParams,
     *,
     seed: int = 0,
+    workspace: Workspace | None = None,
 ) -> LoraFactors:
     """One module: the K experts' factors in, the merged LoRA factors out.
 
     ``seed`` replaces ``params.seed`` for this module (the driver passes ``module_seed``).
+    A dense method's stacked deltas go into ``workspace`` if given (the driver passes one
+    for all modules), so they are overwritten by the next module's: a method reads them and
+    must not keep them.
     """
     kwargs = params.model_dump()
     rank: int | None = kwargs.pop("rank")
-    svd = kwargs.pop("svd", "full")
+    svd = kwargs.pop("svd", "gram")
     niter = kwargs.pop("svd_niter", 2)
     if "seed" in kwargs:
         kwargs["seed"] = seed
@@ -85,12 +122,40 @@ def merge_module(
         if rank is not None and rank < result.rank:
             result = compress_factors(result, rank)
         return result
-    deltas = [p.delta() for p in parts]
+    deltas = stack_deltas(parts, workspace)
     dense = method.fn(deltas, list(weights), **kwargs)
     del deltas
     if rank is None:
         rank = sum(p.rank for p in parts)
-    return compress_dense(dense, rank, randomized=svd == "randomized", niter=niter, seed=seed)
+    return compress_dense(dense, rank, svd=svd, niter=niter, seed=seed)
+
+
+def stack_deltas(parts: Sequence[LoraFactors], workspace: Workspace | None = None) -> torch.Tensor:
+    """The experts' dense deltas ``scaling * B @ A`` stacked into one (K, d_out, d_in) tensor
+    (on ``workspace``'s buffer if given, else a new tensor).
+
+    Each is computed straight into its slice, as ``LoraFactors.delta`` computes it (same
+    values), without a per-expert tensor and a copy. All parts must share a shape.
+    """
+    if not parts:
+        raise ValueError("no factors to stack")
+    dtype = torch.promote_types(parts[0].B.dtype, parts[0].A.dtype)
+    shape = (len(parts), parts[0].d_out, parts[0].d_in)
+    device = parts[0].A.device
+    if workspace is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        out = workspace.take(shape, dtype, device)
+    for k, p in enumerate(parts):
+        if (p.d_out, p.d_in) != (out.shape[1], out.shape[2]):
+            raise ValueError(
+                f"expert {k} has shape {(p.d_out, p.d_in)}, expert 0 {tuple(out.shape[1:])}"
+            )
+        if p.A.dtype == dtype and p.B.dtype == dtype:
+            torch.matmul(p.B, p.A, out=out[k]).mul_(p.scaling)
+        else:
+            out[k] = p.delta()
+    return out
 
 
 def resolve_weights(method: MergeMethod, k: int, weights: Sequence[float] | None) -> list[float]:

@@ -8,7 +8,8 @@ pydantic model: validated, ``extra="forbid"``) and what the weights default to. 
 
 Parameters every method takes: ``rank`` (output LoRA rank; ``None`` = exact for factor-space
 methods, ``sum r_k`` for dense ones). Dense methods add ``scale`` (lambda), ``seed`` (DARE
-drops, randomized SVD), ``svd`` (``"full"`` or ``"randomized"``) and ``svd_niter``.
+drops, randomized SVD), ``svd`` (``"gram"``, exact and the default, ``"full"`` or
+``"randomized"``; see ``svd.compress_dense``) and ``svd_niter``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class DenseParams(MergeParams):
 
     scale: float = Field(default=1.0, description="lambda, multiplies the merged delta")
     seed: int = Field(default=0, description="seeds DARE drops and randomized SVD per module")
-    svd: Literal["full", "randomized"] = Field(default="full", description="SVD algorithm")
+    svd: Literal["gram", "full", "randomized"] = Field(
+        default="gram", description="SVD algorithm (gram and full are exact)"
+    )
     svd_niter: Annotated[int, Field(ge=0)] = Field(
         default=2, description="power iterations of the randomized SVD"
     )
@@ -94,8 +97,11 @@ class MergeMethod:
     """A registered merge method.
 
     ``fn`` merges one module: factor space ``fn(parts: list[LoraFactors], weights, **params)
-    -> LoraFactors``; dense space ``fn(deltas: list[Tensor], weights, **params) -> Tensor``,
-    where ``params`` are the fields of ``params`` minus ``rank``/``svd``/``svd_niter``.
+    -> LoraFactors``; dense space ``fn(deltas, weights, **params) -> Tensor``, where
+    ``deltas`` is one (K, d_out, d_in) tensor (indexing or iterating it gives the experts'
+    deltas, as a list would; not to be modified nor kept: the driver reuses its memory for
+    the next module) and ``params`` are the fields of
+    ``params`` minus ``rank``/``svd``/``svd_niter``.
     ``default_weights`` is what ``weights=None`` means: ``"mean"`` (1/K each) or ``"ones"``.
     """
 
