@@ -2,13 +2,14 @@
 
 Run::
 
-    .venv/bin/python benchmarks/bench_route.py            # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_route.py            # about a minute on 2 cores
     .venv/bin/python benchmarks/bench_route.py --threads 1
 
 Setup: the embedded SmolLM2-135M (fp32, offline), the K=8 private experts of the default
 library (r=8, 7 projections of layers 24-29), a batch of 32 test prompts from 8 different tasks
-(mixed batch), right-padded, one full forward of all 30 layers, logits at the last position
-only (``logits_to_keep=1``) so that the vocabulary projection does not drown the differences.
+(mixed batch), right-padded. Every variant runs the adapted layers 24-29 on the same cached
+hidden states entering layer 24 (how lorafuse runs every method; the frozen lower layers are
+identical for all variants) and takes the logits at each prompt's last position.
 Each item has its own mixing weights (soft: a random point of the simplex; hard: one-hot).
 
 Printed lines (``ratio = baseline / lorafuse``, > 1 favours lorafuse):
@@ -38,8 +39,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from lorafuse.core.encode import encode_prompt
-from lorafuse.core.mixture import BatchMixer, mixture_of_loras
+from lorafuse.core.encode import Encoded, collate, encode_prompt, end_of_turn_id
+from lorafuse.core.forward import lower_states, target_logits
+from lorafuse.core.mixture import BatchMixer, layer_index, mixture_of_loras
 from lorafuse.library import open_library
 from lorafuse.models import load_base_model
 from lorafuse.tasks import builtin_suite
@@ -74,26 +76,34 @@ def main() -> None:
 
     base = load_base_model("embedded")
     model = base.model
-    manifest, adapters = open_library(LIBRARY, kinds={"private"})
+    _, adapters = open_library(LIBRARY, kinds={"private"})
     experts = list(adapters.values())
     k = len(experts)
+    split = min(layer_index(m) for m in experts[0].module_names)
     examples = builtin_suite(seed=args.seed).get("test")
     picked = [examples[i] for i in range(0, len(examples), len(examples) // BATCH)][:BATCH]
-    ids = [encode_prompt(base.tokenizer, ex.prompt) for ex in picked]
-    width = max(map(len, ids))
+    eot = end_of_turn_id(base.tokenizer)
+    # one target per row: the token after the prompt (the position that routing decides)
+    encoded = [Encoded((*encode_prompt(base.tokenizer, ex.prompt), eot), 0) for ex in picked]
+    encoded = [Encoded(e.ids, len(e.ids) - 1) for e in encoded]
     pad = base.tokenizer.pad_token_id
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    print(f"batch {BATCH} prompts from {len({ex.task for ex in picked})} tasks, width {width}")
+    batch = collate(encoded, pad)
+    with torch.no_grad():
+        states = lower_states(model, batch.input_ids, split)
+    print(
+        f"batch {BATCH} prompts from {len({ex.task for ex in picked})} tasks, width "
+        f"{batch.input_ids.shape[1]}, layers {split}-{len(model.model.layers) - 1} adapted "
+        f"(lower layers' states cached, as lorafuse runs every method)"
+    )
 
     soft = torch.distributions.Dirichlet(torch.ones(k)).sample((BATCH,))
     top1 = torch.nn.functional.one_hot(soft.argmax(1), k).float()
 
-    def forward() -> torch.Tensor:
+    def forward(m=model) -> torch.Tensor:
         with torch.no_grad():
-            return model(input_ids, attention_mask=attention, logits_to_keep=1).logits[:, -1]
+            return target_logits(m, states, batch, split)
 
-    # 1. the core, per-item soft weights
+    # 1. the core, per-item soft and hard weights
     mixer = BatchMixer()
     with mixture_of_loras(model, experts, mixer):
         mixer.current = soft
@@ -101,26 +111,28 @@ def main() -> None:
         mixer.current = top1
         t_top1, routed_top1 = timed(forward, args.repeats)
 
-    # 2. a static merged model: uniform merge folded into the weights
+    # 2. a static merged model: the uniform merge folded into the weights
     modules = experts[0].module_names
     originals = {m: model.get_submodule(m).weight.detach().clone() for m in modules}
     deltas = {m: torch.stack([e.delta(m) for e in experts]) for m in modules}  # (K, out, in)
-    for m in modules:
-        model.get_submodule(m).weight.data += deltas[m].mean(0)
+    with torch.no_grad():
+        for m in modules:
+            model.get_submodule(m).weight += deltas[m].mean(0)
     t_static, _ = timed(forward, args.repeats)
-    for m in modules:
-        model.get_submodule(m).weight.data.copy_(originals[m])
+    with torch.no_grad():
+        for m in modules:
+            model.get_submodule(m).weight.copy_(originals[m])
 
-    # 3. Twin-Merging's way: merge weights for each item, run it alone
+    # 3. Twin-Merging's way: merge the weights for each item, run it alone
     def per_item() -> torch.Tensor:
         outs = []
         with torch.no_grad():
-            for i in range(BATCH):
+            for i, e in enumerate(encoded):
                 for m in modules:
                     w = model.get_submodule(m).weight
                     w.copy_(originals[m] + torch.einsum("k,koi->oi", soft[i], deltas[m]))
-                n = int(attention[i].sum())
-                outs.append(model(input_ids[i : i + 1, :n], logits_to_keep=1).logits[:, -1])
+                one = collate([e], pad)
+                outs.append(target_logits(model, states[i : i + 1, : len(e.ids)], one, split))
             for m in modules:
                 model.get_submodule(m).weight.copy_(originals[m])
         return torch.cat(outs)
@@ -128,7 +140,9 @@ def main() -> None:
     t_item, item_logits = timed(per_item, max(1, args.repeats // 2))
     diff = (item_logits - routed).abs().max().item()
 
-    # 4. PEFT mixed batch with adapter_names (hard routing)
+    # 4. PEFT mixed batch (hard routing): adapter_names, 8 adapters loaded. The adapter_names
+    # hooks are what PeftModel.forward enables; entered here directly so that PEFT runs on
+    # the same cached states (PeftModel.forward would rerun the lower layers).
     names = list(adapters)
     peft_model = PeftModel.from_pretrained(
         model, str(adapters[names[0]].path), adapter_name=names[0]
@@ -139,14 +153,8 @@ def main() -> None:
     per_row = [names[j] for j in top1.argmax(1).tolist()]
 
     def peft_forward() -> torch.Tensor:
-        with torch.no_grad():
-            out = peft_model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                adapter_names=per_row,
-                logits_to_keep=1,
-            )
-            return out.logits[:, -1]
+        with peft_model.base_model._enable_peft_forward_hooks(adapter_names=per_row):
+            return forward(peft_model)
 
     t_peft, peft_logits = timed(peft_forward, args.repeats)
     peft_model.unload()
