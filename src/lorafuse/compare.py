@@ -240,7 +240,7 @@ def fusions(
         print(f"{row}: built in {built:.0f}s, {infer_ms:.1f} ms/item", flush=True)
 
 
-def available_elrea(ws: Workspace) -> dict[str, tuple[str, dict]]:
+def available_elrea(ws: Workspace, rows: list[str] | None = None) -> dict[str, tuple[str, dict]]:
     from lorafuse.elrea.pipeline import elrea_dir
 
     have = {
@@ -254,11 +254,22 @@ def available_elrea(ws: Workspace) -> dict[str, tuple[str, dict]]:
         "elrea_random": "random",
         "elrea_embedding": "embedding",
     }
-    return {row: spec for row, spec in ELREA.items() if need[row] in have}
+    wanted = rows or list(ELREA)
+    return {row: spec for row, spec in ELREA.items() if need[row] in have and row in wanted}
 
 
-def run_compare(ws: Workspace, out: str | Path, *, seed: int = 0, title: str = "") -> dict:
-    """Every method on the workspace's test split; writes and returns the results."""
+def run_compare(
+    ws: Workspace,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    title: str = "",
+    elrea_rows: list[str] | None = None,
+) -> dict:
+    """Every method on the workspace's test split; writes and returns the results.
+
+    ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters).
+    """
     started = time.perf_counter()
     out = Path(out)
     timings: dict[str, float] = {}
@@ -272,7 +283,7 @@ def run_compare(ws: Workspace, out: str | Path, *, seed: int = 0, title: str = "
         ("ensembles_s", lambda: ensembles(ws, table)),
         ("merges_s", lambda: merges(ws, table, out, seed)),
         ("routing_s", lambda: fusions(ws, table, ROUTERS, seed)),
-        ("elrea_s", lambda: fusions(ws, table, available_elrea(ws), seed)),
+        ("elrea_s", lambda: fusions(ws, table, available_elrea(ws, elrea_rows), seed)),
     ]
     for key, step in steps:
         t0 = time.perf_counter()

@@ -55,7 +55,10 @@ def run_demo(
         for clustering in ("gradient", "random", "embedding"):
             config = ElreaConfig(clustering=clustering, seed=seed)  # type: ignore[arg-type]
             build_elrea(ws, elrea_dir(ws.library, clustering), config)
-    results = run_compare(ws, out, seed=seed, title="lorafuse demo")
+    # ELREA vs its random-cluster baseline; `lorafuse compare` adds the other baselines
+    results = run_compare(
+        ws, out, seed=seed, title="lorafuse demo", elrea_rows=["elrea", "elrea_random"]
+    )
     if retrain_s is not None:
         results["timings"]["retrain_s"] = retrain_s
     summaries = results["methods"]
