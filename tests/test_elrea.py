@@ -79,3 +79,10 @@ def test_unsplittable_cluster_is_reported() -> None:
     assert max(result.sizes) > 5 * min(result.sizes)
     assert any("could not be split" in n for n in result.notes)
     assert any("still more than 5x" in n for n in result.notes)
+
+
+def test_outlier_clusters_join_their_nearest_neighbour() -> None:
+    x = np.concatenate([blobs([40, 40], seed=7), blobs([2], seed=8)])
+    result = cluster_features(x, n_clusters=3, threshold=0.1, min_size=5)
+    assert len(result.sizes) == 2 and sum(result.sizes) == 82
+    assert max(result.sizes) <= 5 * min(result.sizes)

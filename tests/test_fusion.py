@@ -287,3 +287,51 @@ def test_per_example_layer_router_uses_the_prompt_mean(tiny_llama, tiny_experts)
         logits = logits[:, :PROMPT_LEN].mean(1)
     assert w.shape == (3, 3)  # one weight vector per example
     torch.testing.assert_close(w, F.softmax(logits, -1), atol=1e-6, rtol=0)
+
+
+def test_distilled_student_moves_towards_the_ensemble(tiny_base, tiny_experts, tmp_path) -> None:
+    from lorafuse.core.states import StateCache
+    from lorafuse.fusion.distill import distill, distillation_loss, teacher_topk
+    from lorafuse.library import LoraAdapter
+    from lorafuse.training.config import TrainConfig
+
+    gen = torch.Generator().manual_seed(0)
+    encoded = [
+        Encoded(tuple(torch.randint(1, 128, (8,), generator=gen).tolist()), 5) for _ in range(16)
+    ]
+    cache = StateCache(tiny_base, 0, persist=False, progress=False)
+    w = torch.tensor([0.6, 0.3, 0.1])
+    teacher = teacher_topk(tiny_base.model, tiny_experts, encoded, cache, w, topk=128)
+    loss = distillation_loss(teacher, 0, 0)
+    states = cache.get(encoded)
+    with torch.no_grad():
+        before = loss(tiny_base.model, states, encoded, list(range(16))).item()
+    config = TrainConfig(
+        steps=30,
+        batch_size=8,
+        lr=0.05,
+        warmup=0,
+        rank=4,
+        alpha=8,
+        top_layers=2,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        checkpoint_every=100,
+    )
+    result = distill(
+        tiny_base,
+        tiny_experts,
+        encoded,
+        cache,
+        tmp_path / "student",
+        config,
+        weights=w,
+        topk=128,
+        progress=False,
+    )
+    student = Fusion("s", "merging", [LoraAdapter.open(result.path)], ConstantMixer(torch.ones(1)))
+    with installed(tiny_base.model, student, 0), torch.no_grad():
+        after = loss(tiny_base.model, states, encoded, list(range(16))).item()
+    # the full-vocabulary teacher (topk = vocab): cross-entropy = KL + teacher entropy,
+    # so the gap to the entropy is the KL; distillation must close much of it
+    entropy = torch.cat([-(v.exp() * v).sum(-1) for v, _ in teacher]).mean().item()
+    assert after - entropy < 0.5 * (before - entropy)

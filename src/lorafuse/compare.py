@@ -44,6 +44,7 @@ LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
 ENSEMBLES = ["ensemble_prob", "ensemble_logit", "ensemble_learned"]
 ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
+DISTILLED: dict[str, tuple[str, dict]] = {"ensemble_distilled": ("ensemble_distilled", {})}
 # Routing methods (fitted on the validation split where they learn): row -> (method, params).
 ROUTERS: dict[str, tuple[str, dict]] = {
     "arrow": ("arrow", {}),
@@ -265,10 +266,12 @@ def run_compare(
     seed: int = 0,
     title: str = "",
     elrea_rows: list[str] | None = None,
+    distil: bool = True,
 ) -> dict:
     """Every method on the workspace's test split; writes and returns the results.
 
-    ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters).
+    ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters);
+    ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -281,6 +284,7 @@ def run_compare(
     steps = [
         ("references_s", lambda: references(ws, table)),
         ("ensembles_s", lambda: ensembles(ws, table)),
+        ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else {}, seed)),
         ("merges_s", lambda: merges(ws, table, out, seed)),
         ("routing_s", lambda: fusions(ws, table, ROUTERS, seed)),
         ("elrea_s", lambda: fusions(ws, table, available_elrea(ws, elrea_rows), seed)),

@@ -13,11 +13,13 @@ to 1: next-token logits are combined as a weighted sum.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.cluster import Birch
+from sklearn.exceptions import ConvergenceWarning
 
 
 @dataclass
@@ -35,7 +37,13 @@ def _birch(x: np.ndarray, n: int, sample: int, seed: int, threshold: float) -> n
     n = max(1, min(n, len(x)))
     rng = np.random.default_rng(seed)
     fit_on = x if len(x) <= sample else x[rng.choice(len(x), sample, replace=False)]
-    model = Birch(n_clusters=n, threshold=threshold).fit(fit_on)
+    for _ in range(8):  # a threshold too wide for the data's spread leaves < n subclusters
+        with warnings.catch_warnings():  # that case is handled here, not warned about
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = Birch(n_clusters=n, threshold=threshold).fit(fit_on)
+        if len(model.subcluster_centers_) >= n:
+            break
+        threshold /= 2
     return model.predict(x)
 
 
@@ -53,11 +61,16 @@ def cluster_features(
     max_ratio: float = 5.0,
     rounds: int = 3,
     threshold: float = 0.3,
+    min_size: int = 1,
     seed: int = 0,
 ) -> Clustering:
-    """BIRCH clusters of L2-normalised features, re-split until balanced within ``max_ratio``."""
+    """BIRCH clusters of L2-normalised features, re-split until balanced within ``max_ratio``.
+
+    Clusters smaller than ``min_size`` (outliers) join their nearest cluster first, so that a
+    handful of odd items does not force every other cluster to be split to their size.
+    """
     x = np.asarray(features, dtype=np.float64)
-    labels = _relabel(_birch(x, n_clusters, sample, seed, threshold))
+    labels = _absorb_small(x, _relabel(_birch(x, n_clusters, sample, seed, threshold)), min_size)
     notes: list[str] = []
     for r in range(rounds):
         sizes = np.bincount(labels)
@@ -76,7 +89,7 @@ def cluster_features(
                 continue
             labels[idx[sub > 0]] = next_label + sub[sub > 0] - 1
             next_label += sub.max()
-        labels = _relabel(labels)
+        labels = _absorb_small(x, _relabel(labels), min_size)
     sizes = np.bincount(labels)
     if sizes.max() > max_ratio * sizes.min():
         notes.append(
@@ -84,6 +97,20 @@ def cluster_features(
             f"{max_ratio:g}x the smallest ({sizes.min()})"
         )
     return Clustering(labels, centroids(x, labels), notes)
+
+
+def _absorb_small(x: np.ndarray, labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Move the members of clusters below ``min_size`` to the nearest remaining centroid."""
+    sizes = np.bincount(labels)
+    small = sizes < min_size
+    if not small.any() or small.all():
+        return labels
+    keep = np.flatnonzero(~small)
+    cents = centroids(x, labels)[keep]
+    moved = labels.copy()
+    for i in np.flatnonzero(small[labels]):
+        moved[i] = keep[int(np.argmax(cents @ x[i]))]
+    return _relabel(moved)
 
 
 def centroids(x: np.ndarray, labels: np.ndarray) -> np.ndarray:

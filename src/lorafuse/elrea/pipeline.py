@@ -57,6 +57,7 @@ class ElreaConfig(BaseModel):
     max_ratio: float = Field(5.0, gt=1)
     rounds: int = Field(3, ge=0)
     threshold: float = Field(0.3, gt=0)
+    min_cluster: int = Field(20, ge=1)  # smaller clusters join their nearest neighbour
     total_steps: int = Field(150, ge=1)  # over all clusters, split by cluster size
     lr: float = Field(1e-3, gt=0)  # lower than the base adapter's 3e-3
     batch_size: int = Field(16, ge=1)
@@ -160,6 +161,7 @@ def _cluster(ws: Workspace, out: Path, config: ElreaConfig, feats: torch.Tensor)
         max_ratio=config.max_ratio,
         rounds=config.rounds,
         threshold=config.threshold,
+        min_size=config.min_cluster,
         seed=config.seed,
     )
     if config.clustering != "random":

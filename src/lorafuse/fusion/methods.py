@@ -6,6 +6,7 @@ validation split of the workspace's tasks; the private experts are the library f
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import time
 from collections.abc import Callable
@@ -113,6 +114,41 @@ def ensemble(
         BatchMixer(),
         ensemble=Ensemble(weights, mode),
         info=info,
+    )
+
+
+def ensemble_distilled(
+    ws: Workspace,
+    *,
+    per_task: int = 50,
+    steps: int = 100,
+    lr: float = 3e-3,
+    mode: str = "prob",
+    seed: int = 0,
+) -> Fusion:
+    """The uniform ensemble distilled into one LoRA on training prompts (cached on disk)."""
+    from lorafuse.fusion.distill import distill
+    from lorafuse.library import LoraAdapter
+    from lorafuse.models import cache_root
+    from lorafuse.training.config import TrainConfig
+
+    experts = list(ws.private.values())
+    key = hashlib.sha1(
+        f"{ws.library.resolve()}|{ws.base.fingerprint}|{per_task}|{steps}|{lr}|{mode}|{seed}".encode()
+    ).hexdigest()[:16]
+    out = cache_root() / "distilled" / key
+    started = time.perf_counter()
+    if not (out / "adapter_model.safetensors").is_file():
+        train = [ws.encoded("train")[i] for i in ws.per_task("train", per_task)]
+        config = TrainConfig(steps=steps, lr=lr, seed=seed)
+        distill(ws.base, experts, train, ws.cache, out, config, mode=mode)
+    student = LoraAdapter.open(out)
+    return Fusion(
+        "ensemble_distilled",
+        "ensembling",
+        [student],
+        ConstantMixer(torch.ones(1)),
+        info={"train_s": time.perf_counter() - started, "path": str(out)},
     )
 
 
@@ -317,6 +353,7 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         _method("ensemble_prob", "ensembling", ensemble, mode="prob"),
         _method("ensemble_logit", "ensembling", ensemble, mode="logit"),
         _method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),
+        _method("ensemble_distilled", "ensembling", ensemble_distilled),
         _method("arrow", "routing", arrow),
         _method("learned_router", "routing", learned_router),
         _method("twin", "routing", twin),

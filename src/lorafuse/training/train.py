@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,11 @@ from lorafuse.core.states import StateCache, pad_states
 from lorafuse.io import atomic_dir, atomic_path
 from lorafuse.models import BaseModel
 from lorafuse.training.config import TrainConfig
+
+# (model, states, encoded, example indices) -> scalar loss of a training batch
+ExampleLoss = Callable[
+    [torch.nn.Module, list[torch.Tensor], list[Encoded], list[int]], torch.Tensor
+]
 
 
 def split_layer(model: torch.nn.Module, top_layers: int) -> int:
@@ -84,11 +89,14 @@ def train_adapter(
     desc: str = "train",
     progress: bool = True,
     init_adapter: str | Path | None = None,
+    loss_fn: ExampleLoss | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``encoded`` and save it (atomically) as a PEFT adapter.
 
     The LoRA is fresh, or with ``init_adapter`` a copy of that PEFT adapter (its rank and
     modules; ``config``'s rank and targets are then ignored), as ELREA's cluster experts are.
+    ``loss_fn(model, states, encoded, indices)`` replaces the answer-token loss (e.g. a
+    distillation loss against a teacher's outputs for those example indices).
     """
     out_dir = Path(out_dir)
     split = split_layer(base.model, config.top_layers)
@@ -103,7 +111,9 @@ def train_adapter(
     # get_peft_model overwrites the recorded base name with model.name_or_path (a local path)
     model.peft_config[model.active_adapter].base_model_name_or_path = base.name
     try:
-        return _train_loop(model, base, encoded, states, config, split, out_dir, desc, progress)
+        return _train_loop(
+            model, base, encoded, states, config, split, out_dir, desc, progress, loss_fn
+        )
     finally:
         model.unload()  # remove the LoRA layers, leave the base model untouched
         base.model.eval().requires_grad_(False)  # eval also after an interrupted run
@@ -119,6 +129,7 @@ def _train_loop(
     out_dir: Path,
     desc: str,
     progress: bool,
+    loss_fn: ExampleLoss | None = None,
 ) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -137,7 +148,11 @@ def _train_loop(
     start = time.perf_counter() - elapsed
     while step < config.steps:
         idx = batch_indices(len(encoded), step, config.batch_size, config.seed)
-        loss = answer_loss(model, [states[i] for i in idx], [encoded[i] for i in idx], split, pad)
+        batch_states, batch_encoded = [states[i] for i in idx], [encoded[i] for i in idx]
+        if loss_fn is None:
+            loss = answer_loss(model, batch_states, batch_encoded, split, pad)
+        else:
+            loss = loss_fn(model, batch_states, batch_encoded, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
