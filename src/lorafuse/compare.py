@@ -241,6 +241,10 @@ def fusions(
         print(f"{row}: built in {built:.0f}s, {infer_ms:.1f} ms/item", flush=True)
 
 
+def _without(methods: dict, skip: frozenset[str]) -> dict:
+    return {row: spec for row, spec in methods.items() if row not in skip}
+
+
 def available_elrea(ws: Workspace, rows: list[str] | None = None) -> dict[str, tuple[str, dict]]:
     from lorafuse.elrea.pipeline import elrea_dir
 
@@ -267,11 +271,13 @@ def run_compare(
     title: str = "",
     elrea_rows: list[str] | None = None,
     distil: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> dict:
     """Every method on the workspace's test split; writes and returns the results.
 
     ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters);
-    ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training).
+    ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training);
+    ``skip`` names routing rows to leave out.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -286,7 +292,7 @@ def run_compare(
         ("ensembles_s", lambda: ensembles(ws, table)),
         ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else {}, seed)),
         ("merges_s", lambda: merges(ws, table, out, seed)),
-        ("routing_s", lambda: fusions(ws, table, ROUTERS, seed)),
+        ("routing_s", lambda: fusions(ws, table, _without(ROUTERS, skip), seed)),
         ("elrea_s", lambda: fusions(ws, table, available_elrea(ws, elrea_rows), seed)),
     ]
     for key, step in steps:
