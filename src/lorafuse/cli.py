@@ -360,6 +360,9 @@ def select_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("analysis"),
     how: Annotated[str, typer.Option(help="Fusion judged: 'average' or 'arrow'.")] = "average",
     per_task: Annotated[int, typer.Option(help="Validation items per task.")] = 20,
+    mbc: Annotated[
+        int, typer.Option(help="Also retrain one expert per N task groups (MBC); 0 = off.")
+    ] = 0,
     library: LibOpt = None,
     base_model: BaseOpt = "embedded",
     tasks: TasksOpt = "builtin",
@@ -375,6 +378,14 @@ def select_cmd(
     for c, entry in result["clusters"].items():
         typer.echo(f"{c} clusters: loss {entry['loss']:.4f}  {entry['clusters']}")
     typer.echo(f"wrote {out}/selection.json, selection.png")
+    if mbc:
+        from lorafuse.analysis.run import mbc_command
+
+        res = mbc_command(ws, out, clusters=mbc, seed=seed)
+        typer.echo(
+            f"MBC experts ({mbc} task groups): test loss {res['mean_loss']:.3f}, "
+            f"accuracy {100 * res['mean_accuracy']:.1f}%  {[g['tasks'] for g in res['groups']]}"
+        )
 
 
 @app.command()

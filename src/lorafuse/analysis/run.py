@@ -73,9 +73,7 @@ def connectivity_command(
 
 
 def _single(ws: Workspace, name: str):
-    from lorafuse.analysis.selection import fuse
-
-    return fuse([ws.adapters[name]], "average")
+    return _fuse_one(ws.adapters[name])
 
 
 def select_command(
@@ -109,3 +107,67 @@ def select_command(
     }
     atomic_write_json(out / "selection.json", result)
     return result
+
+
+def mbc_command(
+    ws: Workspace, out: Path, *, clusters: int = 4, steps: int = 150, seed: int = 0
+) -> dict:
+    """MBC experts: cluster the private experts' deltas into task groups, retrain one LoRA per
+    group on the union of its tasks' training data (resumable: finished experts are kept),
+    and score each test input with its task group's expert (the oracle over groups)."""
+    from lorafuse.fusion.hc import cluster_experts
+    from lorafuse.library import LoraAdapter
+    from lorafuse.training.config import TrainConfig
+    from lorafuse.training.train import train_adapter
+
+    names = list(ws.private)
+    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    groups = cluster_experts(list(ws.private.values()), clusters)
+    train_examples = ws.examples("train")
+    test_examples, test_encoded = ws.examples("test"), ws.encoded("test")
+    loss = np.full(len(test_encoded), np.nan)
+    correct = np.zeros(len(test_encoded), dtype=bool)
+    t0 = time.perf_counter()
+    result_groups = []
+    for g, members in enumerate(groups):
+        tasks = {t for i in members for t in tasks_of[names[i]]}
+        path = out / "mbc" / f"group{g}"
+        if not (path / "adapter_model.safetensors").is_file():
+            train = [
+                ws.encoded("train")[i] for i, ex in enumerate(train_examples) if ex.task in tasks
+            ]
+            config = TrainConfig(steps=steps, seed=seed + g)
+            train_adapter(ws.base, train, ws.cache, config, path, desc=f"mbc group {g}")
+        idx = [i for i, ex in enumerate(test_examples) if ex.task in tasks]
+        scores = evaluate(
+            ws.base.model,
+            _fuse_one(LoraAdapter.open(path)),
+            [test_encoded[i] for i in idx],
+            ws.cache,
+        )
+        loss[idx], correct[idx] = scores.loss, scores.correct
+        result_groups.append(
+            {
+                "experts": [names[i] for i in members],
+                "tasks": sorted(tasks),
+                "loss": float(scores.loss.mean()),
+                "accuracy": float(scores.correct.mean()),
+            }
+        )
+    result = {
+        "clusters": clusters,
+        "groups": result_groups,
+        "mean_loss": float(np.nanmean(loss)),
+        "mean_accuracy": float(correct.mean()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "seed": seed,
+        "versions": versions(),
+    }
+    atomic_write_json(out / "mbc.json", result)
+    return result
+
+
+def _fuse_one(adapter):
+    from lorafuse.analysis.selection import fuse
+
+    return fuse([adapter], "average")
