@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -169,3 +170,22 @@ def test_mixture_on_embedded_model_equals_peft_and_merge(base, small_suite) -> N
                 one = collate([encoded[i]], base.tokenizer.pad_token_id)
                 alone = target_logits(base.model, states[i : i + 1, : len(encoded[i].ids)], one, 24)
                 torch.testing.assert_close(mixed[batch.rows == i], alone, atol=2e-4, rtol=0)
+
+
+def test_shipped_elrea_routes_prompts_and_answers(base) -> None:
+    """The shipped ELREA build on a few test prompts: weights per prompt as the paper says,
+    and the routed ensemble answers far better than the base model."""
+    from lorafuse.fusion.base import evaluate
+    from lorafuse.fusion.methods import build_fusion
+    from lorafuse.workspace import open_workspace
+
+    ws = open_workspace(base=base)
+    encoded = ws.encoded("test")[::100]  # one example of each task
+    fusion = build_fusion(ws, "elrea")
+    scores = evaluate(base.model, fusion, encoded, ws.cache)
+    plain = score_examples(model_log_probs(base.model, ws.cache.split), encoded, ws.cache)
+    assert scores.correct.mean() >= 0.75 and not plain.correct.any()
+    assert np.median(scores.loss) < 0.1 < np.median(plain.loss)
+    w = fusion.ensemble.weights  # the last batch's weights: clusters (softmax) + base adapter
+    torch.testing.assert_close(w[:, :-1].sum(1), torch.ones(len(w)))
+    assert ((w[:, -1] >= 0) & (w[:, -1] <= 1)).all()
