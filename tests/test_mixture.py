@@ -83,3 +83,15 @@ def test_model_restored_after_mixture(tiny_llama, experts) -> None:
     with torch.no_grad():
         torch.testing.assert_close(tiny_llama(IDS).logits, before, atol=0, rtol=0)
     assert all(type(m).__name__ != "MixtureLinear" for m in tiny_llama.modules())
+
+
+def test_hard_routing_per_item_equals_each_item_alone(tiny_llama, experts) -> None:
+    """One expert per item (scaled, and one item with none): the gathered fast path."""
+    weights = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    mixer = BatchMixer()
+    mixer.current = weights
+    batched = _mixture_logits(tiny_llama, experts, mixer)
+    for i in range(len(IDS)):
+        with mixture_of_loras(tiny_llama, experts, ConstantMixer(weights[i])), torch.no_grad():
+            alone = tiny_llama(IDS[i : i + 1]).logits
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)

@@ -96,13 +96,39 @@ class MixtureLinear(nn.Module):
         device, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("A", A.to(device, dtype), persistent=False)
         self.register_buffer("B", B.to(device, dtype), persistent=False)
+        # the same factors laid out for two plain GEMMs: (d_in, K*r) and (K*r, d_out)
+        self.register_buffer(
+            "At", self.A.permute(2, 0, 1).reshape(A.shape[2], -1).contiguous(), persistent=False
+        )
+        self.register_buffer(
+            "Bt", self.B.permute(0, 2, 1).reshape(-1, B.shape[1]).contiguous(), persistent=False
+        )
         self.mixer = mixer  # a plain attribute: shared by all layers, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.mixer.weights(self, x)
-        h = torch.einsum("...d,krd->...kr", x, self.A)  # (..., K, r)
+        out = self.base(x)
+        if a.dim() == 2 and x.dim() == 3 and bool(((a != 0).sum(-1) <= 1).all()):
+            return self._one_expert_per_item(x, a, out)
+        k, r = self.A.shape[:2]
+        lead = x.shape[:-1]
+        # one GEMM into all K experts' rank spaces, weight them, one GEMM back (accumulated
+        # onto the base output)
+        h = (x.reshape(-1, x.shape[-1]) @ self.At).view(*lead, k, r)
         h = h * _broadcast(a, x)[..., None]
-        return self.base(x) + torch.einsum("...kr,kor->...o", h, self.B)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, k * r), self.Bt)
+        return flat.view(*lead, out.shape[-1])
+
+    def _one_expert_per_item(
+        self, x: torch.Tensor, a: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Hard routing (at most one expert per item): gather each item's factors and apply
+        them with two batched matmuls, 1/K of the work of mixing all K (what Punica's
+        gathered kernels do)."""
+        idx = a.abs().argmax(-1)  # (B,)
+        coef = a.gather(1, idx[:, None])[:, :, None]  # (B, 1, 1); 0 for an item with no expert
+        h = torch.bmm(x, self.A[idx].transpose(1, 2)) * coef  # (B, T, r)
+        return torch.baddbmm(out, h, self.B[idx].transpose(1, 2))
 
 
 def _broadcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
