@@ -4,8 +4,8 @@ Every fusion that mixes experts' weights is this layer with different mixing wei
 a static merge (constant ``a``), learned merge coefficients (``a`` a parameter, global or
 per layer), routing (``a`` per example or per token, from a router). The experts' factors
 are stacked (ranks zero-padded to the largest, scalings folded into B) and applied with
-two einsums, so a batch whose items want different mixes is one batched computation and
-no merged weight is ever formed.
+two GEMMs (into all K rank spaces, weighted, back onto the base output), so a batch whose
+items want different mixes is one batched computation and no merged weight is ever formed.
 """
 
 from __future__ import annotations
