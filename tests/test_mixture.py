@@ -64,15 +64,20 @@ def test_per_layer_weights_equal_per_layer_merge(tiny_llama, experts, tmp_path: 
     )
 
 
-def test_per_item_weights_equal_each_item_alone(tiny_llama, experts) -> None:
-    weights = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, -1.0, 2.0]])
+def assert_batch_equals_items_alone(model, experts, weights: torch.Tensor) -> None:
+    """Per-item weights in one batch give each item's logits when run alone."""
     mixer = BatchMixer()
     mixer.current = weights
-    batched = _mixture_logits(tiny_llama, experts, mixer)
+    batched = _mixture_logits(model, experts, mixer)
     for i in range(len(IDS)):
-        with mixture_of_loras(tiny_llama, experts, ConstantMixer(weights[i])), torch.no_grad():
-            alone = tiny_llama(IDS[i : i + 1]).logits
+        with mixture_of_loras(model, experts, ConstantMixer(weights[i])), torch.no_grad():
+            alone = model(IDS[i : i + 1]).logits
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_per_item_weights_equal_each_item_alone(tiny_llama, experts) -> None:
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, -1.0, 2.0]])
+    assert_batch_equals_items_alone(tiny_llama, experts, weights)
 
 
 def test_model_restored_after_mixture(tiny_llama, experts) -> None:
@@ -88,10 +93,4 @@ def test_model_restored_after_mixture(tiny_llama, experts) -> None:
 def test_hard_routing_per_item_equals_each_item_alone(tiny_llama, experts) -> None:
     """One expert per item (scaled, and one item with none): the gathered fast path."""
     weights = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    mixer = BatchMixer()
-    mixer.current = weights
-    batched = _mixture_logits(tiny_llama, experts, mixer)
-    for i in range(len(IDS)):
-        with mixture_of_loras(tiny_llama, experts, ConstantMixer(weights[i])), torch.no_grad():
-            alone = tiny_llama(IDS[i : i + 1]).logits
-        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
+    assert_batch_equals_items_alone(tiny_llama, experts, weights)
