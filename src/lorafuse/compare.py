@@ -16,14 +16,18 @@ from pathlib import Path
 
 import torch
 
-from lorafuse.core.mixture import FactorSet
-from lorafuse.core.peft_adapters import peft_adapters
 from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
 from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
-from lorafuse.eval.run import BASE_ROW, ORACLE_ROW, oracle, scatter_scores, summaries_of, versions
-from lorafuse.fusion.base import Fusion, evaluate
+from lorafuse.eval.run import (
+    BASE_ROW,
+    ORACLE_ROW,
+    oracle,
+    score_adapters,
+    summaries_of,
+    versions,
+)
 from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
-from lorafuse.fusion.methods import build_fusion
+from lorafuse.fusion.run import run_methods, source_bytes
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import LoraAdapter, save_adapter
 from lorafuse.merging import merge
@@ -42,7 +46,6 @@ MERGES: dict[str, tuple[str, dict]] = {
 # Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
 LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
-ENSEMBLES = ["ensemble_prob", "ensemble_logit", "ensemble_learned"]
 ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
 DISTILLED: dict[str, tuple[str, dict]] = {"ensemble_distilled": ("ensemble_distilled", {})}
 # Routing methods (fitted on the validation split where they learn): row -> (method, params).
@@ -77,17 +80,6 @@ class Table:
         self.costs[row] = costs
 
 
-def source_bytes(sources) -> int:
-    """Stored size of adapters / in-memory factor sets (fp32 factors)."""
-    total = 0
-    for s in sources:
-        if isinstance(s, LoraAdapter):
-            total += s.num_bytes
-        elif isinstance(s, FactorSet):
-            total += sum(4 * (f.A.numel() + f.B.numel()) for f in s.modules.values())
-    return total
-
-
 def _mb(n: int | float) -> float:
     return n / 2**20
 
@@ -95,24 +87,6 @@ def _mb(n: int | float) -> float:
 def _trained_s(ws: Workspace, name: str) -> float | None:
     entry = next((e for e in ws.manifest.experts if e.name == name), None)
     return entry.metrics.get("wall_time_s") if entry else None
-
-
-def score_adapters(
-    ws: Workspace, adapters: Mapping[str, Path], subsets: Mapping[str, list[int]] | None = None
-) -> dict[str, tuple[ExampleScores, float]]:
-    """PEFT adapters scored one by one on the test split (or a subset): scores and seconds."""
-    encoded = ws.encoded("test")
-    out = {}
-    with peft_adapters(ws.base, adapters) as model:
-        for name in adapters:
-            model.set_adapter(name)
-            idx = list(subsets[name]) if subsets and name in subsets else list(range(len(encoded)))
-            t0 = time.perf_counter()
-            part = score_examples(
-                model_log_probs(model, ws.cache.split), [encoded[i] for i in idx], ws.cache
-            )
-            out[name] = (scatter_scores(part, idx, len(encoded)), time.perf_counter() - t0)
-    return out
 
 
 def references(ws: Workspace, table: Table) -> None:
@@ -129,15 +103,10 @@ def references(ws: Workspace, table: Table) -> None:
         infer_ms=1e3 * (time.perf_counter() - t0) / n,
         stored_mb=0,
     )
-    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
-    subsets = {
-        name: [i for i, ex in enumerate(examples) if ex.task in tasks_of[name]]
-        for name in ws.private
-    }
     adapters = {name: a.path for name, a in ws.private.items()}
     if MULTITASK in ws.adapters:
         adapters[MULTITASK] = ws.adapters[MULTITASK].path
-    scored = score_adapters(ws, adapters, subsets)
+    scored = score_adapters(ws.base, encoded, ws.cache, adapters, ws.own_subsets("test"))
     if MULTITASK in scored:
         scores, secs = scored[MULTITASK]
         table.add(
@@ -208,7 +177,8 @@ def merges(ws: Workspace, table: Table, out: Path, seed: int) -> None:
         made_s[row] = learned.seconds
         paths[row] = save_learned_merge(ws, learned, out / "merged" / row, config)
     n = len(ws.encoded("test"))
-    for row, (scores, secs) in score_adapters(ws, paths).items():
+    scored = score_adapters(ws.base, ws.encoded("test"), ws.cache, paths)
+    for row, (scores, secs) in scored.items():
         size = LoraAdapter.open(paths[row]).num_bytes
         table.add(
             row,
@@ -224,21 +194,18 @@ def fusions(
     ws: Workspace, table: Table, methods: Mapping[str, tuple[str, dict]], seed: int
 ) -> None:
     """Methods built by name on the mixture core (routers, ELREA), fitted and scored."""
-    encoded = ws.encoded("test")
-    for row, (name, params) in methods.items():
-        t0 = time.perf_counter()
-        fusion: Fusion = build_fusion(ws, name, seed=seed, **params)
-        built = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = evaluate(ws.base.model, fusion, encoded, ws.cache)
-        infer_ms = 1e3 * (time.perf_counter() - t0) / len(encoded)
-        train = fusion.info.get("train_s", built)
-        stored = source_bytes([*fusion.sources, *([fusion.shared] if fusion.shared else [])])
+    rows, info = run_methods(ws, methods, "test", seed=seed)
+    for row, scores in rows.items():
+        i = info[row]
         table.add(
-            row, fusion.family, scores, train_s=train, infer_ms=infer_ms, stored_mb=_mb(stored)
+            row,
+            i["family"],
+            scores,
+            train_s=i["train_s"],
+            infer_ms=i["infer_ms"],
+            stored_mb=i["stored_mb"],
         )
-        table.info[row] = {k: v for k, v in fusion.info.items() if k != "train_s"}
-        print(f"{row}: built in {built:.0f}s, {infer_ms:.1f} ms/item", flush=True)
+        table.info[row] = i["extra"]
 
 
 def _without(methods: dict, skip: frozenset[str]) -> dict:

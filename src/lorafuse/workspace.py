@@ -28,6 +28,7 @@ class Workspace:
     adapters: dict[str, LoraAdapter]
     cache: StateCache
     _encoded: dict[str, list[Encoded]] = field(default_factory=dict)
+    memo: dict[tuple, object] = field(default_factory=dict)  # artefacts methods share
 
     @property
     def private(self) -> dict[str, LoraAdapter]:
@@ -39,6 +40,19 @@ class Workspace:
         """Task -> its private expert's name."""
         return {
             e.tasks[0]: e.name for e in self.manifest.experts if e.kind == "private" and e.tasks
+        }
+
+    @property
+    def tasks_of(self) -> dict[str, list[str]]:
+        """Expert name -> the tasks it was trained on."""
+        return {e.name: e.tasks for e in self.manifest.experts}
+
+    def own_subsets(self, split: str) -> dict[str, list[int]]:
+        """Private expert -> indices of the split's examples of its own tasks."""
+        tasks_of = self.tasks_of
+        return {
+            name: [i for i, ex in enumerate(self.examples(split)) if ex.task in tasks_of[name]]
+            for name in self.private
         }
 
     def examples(self, split: str) -> list[Example]:

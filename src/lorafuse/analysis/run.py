@@ -25,7 +25,7 @@ def connectivity_command(
             raise LorafuseError(
                 f"no expert {name!r} in {ws.library} (have: {', '.join(ws.adapters)})"
             )
-    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    tasks_of = ws.tasks_of
     examples = ws.examples(split)
     idx = [i for i, ex in enumerate(examples) if ex.task in {*tasks_of[a], *tasks_of[b]}]
     if not idx:
@@ -52,7 +52,10 @@ def connectivity_command(
         paths=paths if same_rank else ("delta",),
     )
     # oracle: each input to its own task's expert
-    own = {n: evaluate(ws.base.model, _single(ws, n), encoded, ws.cache).loss for n in (a, b)}
+    own = {
+        n: evaluate(ws.base.model, _fuse_one(ws.adapters[n]), encoded, ws.cache).loss
+        for n in (a, b)
+    }
     owner = {t: n for n in (a, b) for t in tasks_of[n]}
     oracle_loss = np.array([own[owner[t]][j] for j, t in enumerate(local)])
     oracle = {g: float(oracle_loss[ix].mean()) for g, ix in groups.items()}
@@ -70,10 +73,6 @@ def connectivity_command(
     }
     atomic_write_json(out / "connectivity.json", result)
     return result
-
-
-def _single(ws: Workspace, name: str):
-    return _fuse_one(ws.adapters[name])
 
 
 def select_command(
@@ -121,7 +120,7 @@ def mbc_command(
     from lorafuse.training.train import train_adapter
 
     names = list(ws.private)
-    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
+    tasks_of = ws.tasks_of
     groups = cluster_experts(list(ws.private.values()), clusters)
     train_examples = ws.examples("train")
     test_examples, test_encoded = ws.examples("test"), ws.encoded("test")

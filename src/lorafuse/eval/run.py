@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from lorafuse import __version__
 from lorafuse.core.encode import Encoded, encode_examples
 from lorafuse.core.forward import num_layers
+from lorafuse.core.mixture import layer_index
 from lorafuse.core.peft_adapters import peft_adapters
 from lorafuse.core.states import StateCache
 from lorafuse.eval.harness import ExampleScores, model_log_probs, per_task, score_examples
@@ -30,12 +31,8 @@ ORACLE_ROW = "oracle"
 
 def adapted_from(adapters: Sequence[LoraAdapter]) -> int | None:
     """Lowest layer index any adapter touches (None if no module names a layer)."""
-    layers = [
-        int(m.group(1))
-        for a in adapters
-        for name in a.module_names
-        if (m := re.search(r"\.layers\.(\d+)\.", name))
-    ]
+    layers = [layer_index(name) for a in adapters for name in a.module_names]
+    layers = [layer for layer in layers if layer >= 0]
     return min(layers) if layers else None
 
 
@@ -44,6 +41,29 @@ def choose_split(base: BaseModel, adapters: Sequence[LoraAdapter]) -> int:
     lowest = adapted_from(adapters)
     default = max(0, num_layers(base.model) - DEFAULT_TOP_LAYERS)
     return default if lowest is None else lowest
+
+
+def score_adapters(
+    base: BaseModel,
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    adapters: Mapping[str, str | Path],
+    subsets: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, tuple[ExampleScores, float]]:
+    """Each PEFT adapter scored (on ``subsets[name]`` only, if given): scores and seconds."""
+    out: dict[str, tuple[ExampleScores, float]] = {}
+    if not adapters:
+        return out
+    with peft_adapters(base, adapters) as model:
+        for name in tqdm(adapters, desc="score adapters", unit="adapter"):
+            model.set_adapter(name)
+            idx = list(subsets[name]) if subsets and name in subsets else range(len(encoded))
+            t0 = time.perf_counter()
+            part = score_examples(
+                model_log_probs(model, cache.split), [encoded[i] for i in idx], cache
+            )
+            out[name] = (scatter_scores(part, idx, len(encoded)), time.perf_counter() - t0)
+    return out
 
 
 def score_rows(
@@ -59,16 +79,8 @@ def score_rows(
     rows: dict[str, ExampleScores] = {}
     if include_base:
         rows[BASE_ROW] = score_examples(model_log_probs(base.model, cache.split), encoded, cache)
-    if not adapters:
-        return rows
-    with peft_adapters(base, adapters) as model:
-        for name in tqdm(adapters, desc="score adapters", unit="adapter"):
-            model.set_adapter(name)
-            idx = list(subsets[name]) if subsets and name in subsets else range(len(encoded))
-            part = score_examples(
-                model_log_probs(model, cache.split), [encoded[i] for i in idx], cache
-            )
-            rows[name] = scatter_scores(part, idx, len(encoded))
+    for name, (scores, _) in score_adapters(base, encoded, cache, adapters, subsets).items():
+        rows[name] = scores
     return rows
 
 

@@ -21,7 +21,6 @@ from lorafuse.core.mixture import (
     BatchMixer,
     ConstantMixer,
     FactorSet,
-    layer_index,
     mixture_of_loras,
 )
 from lorafuse.errors import LorafuseError
@@ -32,7 +31,7 @@ from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
 from lorafuse.fusion.twin import twin_sources as make_twin_sources
 from lorafuse.merging import merge
-from lorafuse.merging.learned import learned_merge
+from lorafuse.merging.learned import adapted_layers, learned_merge
 from lorafuse.workspace import Workspace
 
 VAL = "val"
@@ -174,7 +173,7 @@ def learned_router(
     """A linear router per layer on its input (per prompt, or per token), trained on
     validation loss with the experts frozen."""
     experts = list(ws.private.values())
-    layers = sorted({layer_index(m) for m in experts[0].module_names})
+    layers = adapted_layers(experts)
     hidden = ws.base.model.config.hidden_size
     torch.manual_seed(seed)
     router = LayerRouter(layers, hidden, len(experts), per_example=per_example)
@@ -217,11 +216,10 @@ def twin(
 ) -> Fusion:
     """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router)."""
     started = time.perf_counter()
-    key = (shared, scale, rank, max_per_task, epochs, seed)
-    cached = _TWIN_PARTS.get(id(ws))
-    if cached is None or cached[0] is not ws or cached[1] != key:
-        _TWIN_PARTS[id(ws)] = (ws, key, _twin_parts(ws, *key))
-    shared_set, sources, feats, labels, router = _TWIN_PARTS[id(ws)][2]
+    key = ("twin", shared, scale, rank, max_per_task, epochs, seed)
+    if key not in ws.memo:  # twin and twin_group share sources and router
+        ws.memo[key] = _twin_parts(ws, *key[1:])
+    shared_set, sources, feats, labels, router = ws.memo[key]
     n = len(sources)
     mixer = BatchMixer()
     split = ws.cache.split
@@ -256,10 +254,6 @@ def twin(
             "rank": rank,
         },
     )
-
-
-# The twin and group-wise twin rows share sources and router: built once per workspace.
-_TWIN_PARTS: dict[int, tuple] = {}
 
 
 def _twin_parts(

@@ -45,10 +45,9 @@ def arrow_prototypes(module: MixtureLinear) -> torch.Tensor:
 class ArrowRouter:
     """Per-token, per-module routing by prototype alignment (training-free)."""
 
-    def __init__(self, top_k: int = 2, temperature: float = 1.0, active: int | None = None):
+    def __init__(self, top_k: int = 2, temperature: float = 1.0):
         self.top_k = top_k
         self.temperature = temperature
-        self.active = active  # route among the first ``active`` sources only (rest weight 0)
         self._prototypes: dict[str, torch.Tensor] = {}
 
     def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:

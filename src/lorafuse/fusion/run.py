@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lorafuse.core.mixture import FactorSet
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import ExampleScores
 from lorafuse.eval.report import markdown_table
-from lorafuse.eval.run import ORACLE_ROW, oracle, score_rows, summaries_of, versions
+from lorafuse.eval.run import ORACLE_ROW, oracle, score_adapters, summaries_of, versions
 from lorafuse.fusion.base import evaluate
 from lorafuse.fusion.methods import build_fusion
 from lorafuse.io import atomic_write_json
+from lorafuse.library import LoraAdapter
 from lorafuse.workspace import Workspace, open_workspace
 
 
@@ -30,14 +32,29 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def source_bytes(sources) -> int:
+    """Stored size of adapters / in-memory factor sets (fp32 factors)."""
+    total = 0
+    for s in sources:
+        if isinstance(s, LoraAdapter):
+            total += s.num_bytes
+        elif isinstance(s, FactorSet):
+            total += sum(4 * (f.A.numel() + f.B.numel()) for f in s.modules.values())
+    return total
+
+
 def run_methods(
     ws: Workspace,
-    methods: dict[str, tuple[str, dict[str, Any]]],
+    methods: Mapping[str, tuple[str, dict[str, Any]]],
     split: str,
     *,
     seed: int = 0,
 ) -> tuple[dict[str, ExampleScores], dict[str, dict]]:
-    """Build (fit on validation) and score every ``row -> (method, params)`` on ``split``."""
+    """Build (fit on validation) and score every ``row -> (method, params)`` on ``split``.
+
+    ``info[row]`` holds the family, parameters and costs: ``train_s`` (the method's own
+    training time, else its build time), ``infer_ms`` per item, ``stored_mb``.
+    """
     encoded = ws.encoded(split)
     rows: dict[str, ExampleScores] = {}
     info: dict[str, dict] = {}
@@ -47,13 +64,16 @@ def run_methods(
         t1 = time.perf_counter()
         rows[row] = evaluate(ws.base.model, fusion, encoded, ws.cache)
         t2 = time.perf_counter()
+        extra = dict(fusion.info)
+        stored = source_bytes([*fusion.sources, *([fusion.shared] if fusion.shared else [])])
         info[row] = {
             "method": name,
             "family": fusion.family,
             "params": params,
-            "build_s": round(t1 - t0, 2),
-            "eval_s_per_item": round((t2 - t1) / len(encoded), 5),
-            **fusion.info,
+            "train_s": extra.pop("train_s", t1 - t0),
+            "infer_ms": 1e3 * (t2 - t1) / len(encoded),
+            "stored_mb": stored / 2**20,
+            "extra": extra,
         }
         print(f"{row}: built in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s", flush=True)
     return rows, info
@@ -61,20 +81,10 @@ def run_methods(
 
 def expert_rows(ws: Workspace, split: str) -> dict[str, ExampleScores]:
     """Each private expert on its own task's examples, and the oracle row from them."""
-    examples = ws.examples(split)
-    tasks_of = {e.name: e.tasks for e in ws.manifest.experts}
-    subsets = {
-        n: [i for i, ex in enumerate(examples) if ex.task in tasks_of[n]] for n in ws.private
-    }
-    rows = score_rows(
-        ws.base,
-        ws.encoded(split),
-        ws.cache,
-        {n: a.path for n, a in ws.private.items()},
-        subsets=subsets,
-        include_base=False,
-    )
-    rows[ORACLE_ROW] = oracle(examples, rows, ws.expert_of)
+    adapters = {n: a.path for n, a in ws.private.items()}
+    scored = score_adapters(ws.base, ws.encoded(split), ws.cache, adapters, ws.own_subsets(split))
+    rows = {name: scores for name, (scores, _) in scored.items()}
+    rows[ORACLE_ROW] = oracle(ws.examples(split), rows, ws.expert_of)
     return rows
 
 
