@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from lorafuse.core.encode import Encoded, collate
-from lorafuse.core.forward import lower_states, target_logits
+from lorafuse.core.forward import lower_states, run_layers, target_logits
 from lorafuse.core.mixture import BatchMixer, ConstantMixer, FactorSet, mixture_of_loras
 from lorafuse.fusion.base import Ensemble, Fusion, installed, prompt_mean
 from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
@@ -335,3 +335,18 @@ def test_distilled_student_moves_towards_the_ensemble(tiny_base, tiny_experts, t
     # so the gap to the entropy is the KL; distillation must close much of it
     entropy = torch.cat([-(v.exp() * v).sum(-1) for v, _ in teacher]).mean().item()
     assert after - entropy < 0.5 * (before - entropy)
+
+
+def test_twin_router_features_come_from_the_shared_model_alone(tiny_llama, tiny_experts) -> None:
+    """The router reads the shared model (W + shared delta), with no exclusive delta."""
+    from lorafuse.fusion.base import prompt_mean
+    from lorafuse.fusion.twin import shared_features
+
+    batch, states = batch_and_states(tiny_llama)
+    shared, *exclusive = twin_sources(tiny_experts, rank=64)
+    mixer = BatchMixer()
+    with mixture_of_loras(tiny_llama, exclusive, mixer, shared), torch.no_grad():
+        got = shared_features(tiny_llama, mixer, len(exclusive), states, batch, 0)
+    with mixture_of_loras(tiny_llama, [shared], ConstantMixer(torch.ones(1))), torch.no_grad():
+        hidden = tiny_llama.model.norm(run_layers(tiny_llama, states, 0))
+    torch.testing.assert_close(got, prompt_mean(hidden, batch), atol=1e-5, rtol=0)

@@ -108,7 +108,7 @@ class MixtureLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.mixer.weights(self, x)
         out = self.base(x)
-        if a.dim() == 2 and x.dim() == 3 and bool(((a != 0).sum(-1) <= 1).all()):
+        if getattr(self.mixer, "one_per_item", False) and a.dim() == 2 and x.dim() == 3:
             return self._one_expert_per_item(x, a, out)
         k, r = self.A.shape[:2]
         lead = x.shape[:-1]
@@ -196,10 +196,29 @@ class ConstantMixer(nn.Module):
 
 
 class BatchMixer:
-    """Weights set per batch by the caller (a router): (B, K) or (B, T, K), or per layer."""
+    """Weights set per batch by the caller (a router): (B, K) or (B, T, K), or per layer.
+
+    Setting ``current`` also decides, once per batch rather than in every layer, whether
+    each item uses at most one expert (``one_per_item``: hard routing, replicated
+    ensembles), which the layers then serve by gathering each item's factors.
+    """
 
     def __init__(self) -> None:
-        self.current: torch.Tensor | dict[int, torch.Tensor] | None = None
+        self._current: torch.Tensor | dict[int, torch.Tensor] | None = None
+        self.one_per_item = False
+
+    @property
+    def current(self) -> torch.Tensor | dict[int, torch.Tensor] | None:
+        return self._current
+
+    @current.setter
+    def current(self, value: torch.Tensor | dict[int, torch.Tensor] | None) -> None:
+        self._current = value
+        self.one_per_item = (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 2
+            and bool(((value != 0).sum(-1) <= 1).all())
+        )
 
     def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
         if self.current is None:

@@ -83,10 +83,11 @@ def shared_features(
     batch: Batch,
     split: int,
 ) -> torch.Tensor:
-    """The shared model's last hidden state averaged over each prompt: (B, H)."""
-    only_shared = torch.zeros(n_sources, device=states.device)
-    only_shared[0] = 1.0
-    mixer.current = only_shared
+    """The shared model's last hidden state averaged over each prompt: (B, H).
+
+    The shared delta is folded into the weights; every exclusive source gets weight 0.
+    """
+    mixer.current = torch.zeros(n_sources, device=states.device)
     hidden = decoder_parts(model).norm(run_layers(model, states, split))
     return prompt_mean(hidden, batch)
 
