@@ -35,7 +35,12 @@ OracleOpt = Annotated[
     bool, typer.Option("--oracle", help="Also score each expert on its task (oracle row).")
 ]
 TasksOpt = Annotated[
-    str, typer.Option("--tasks", help="'builtin' or a JSONL file of {task, prompt, answer}.")
+    str,
+    typer.Option(
+        "--tasks",
+        help="'builtin', 'bigbench48', 'bigbench:TASK,TASK' or a JSONL file of "
+        "{task, prompt, answer}.",
+    ),
 ]
 
 
@@ -406,6 +411,53 @@ def methods() -> None:
     for f in FUSION_METHODS.values():
         params = [p for p in inspect.signature(f.build).parameters if p not in ("ws", "seed")]
         typer.echo(f"  {f.name:18} {f.family:10} {f.summary}  [{', '.join(params)}]")
+
+
+@app.command("scale-study")
+def scale_study_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("analysis"),
+    held_out: Annotated[int, typer.Option(help="Tasks held out (no expert merged).")] = 8,
+    per_task: Annotated[int, typer.Option(help="Test and val items per task.")] = 20,
+    learn_steps: Annotated[int, typer.Option(help="Steps of the learned merge.")] = 40,
+    library: LibOpt = None,
+    base_model: BaseOpt = "embedded",
+    tasks: TasksOpt = "builtin",
+    seed: SeedOpt = 0,
+) -> None:
+    """Merging at scale: uniform / TIES / learned merges of 2, 4, ..., all experts, loss on
+    held-in and held-out tasks (scale.json, scale.png)."""
+    from lorafuse.analysis.run import scale_study_command
+    from lorafuse.workspace import open_workspace
+
+    ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    res = scale_study_command(
+        ws, out, held_out=held_out, per_task=per_task, learn_steps=learn_steps, seed=seed
+    )
+    for part in ("held_in", "held_out"):
+        for method, ys in res[part].items():
+            pts = " ".join(f"{n}:{y:.3f}" for n, y in zip(res["sizes"], ys, strict=True))
+            typer.echo(f"{part:8} {method:8} {pts}")
+    typer.echo(f"wrote {out}/scale.json, scale.png")
+
+
+@app.callback()
+def _global(
+    bigbench_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bigbench-dir",
+            help="A BIG-bench checkout (or sdist) for --tasks bigbench48 / bigbench:TASK,...; "
+            "default: the bigbench==1.0.0 sdist, fetched once with pip into the cache.",
+        ),
+    ] = None,
+) -> None:
+    """Fuse libraries of LoRA experts: ensembling, merging and routing, measured."""
+    if bigbench_dir is not None:
+        import os
+
+        from lorafuse.tasks.bigbench import SOURCE_ENV
+
+        os.environ[SOURCE_ENV] = str(bigbench_dir)
 
 
 def main() -> None:

@@ -170,3 +170,43 @@ def _fuse_one(adapter):
     from lorafuse.analysis.selection import fuse
 
     return fuse([adapter], "average")
+
+
+def scale_study_command(
+    ws: Workspace,
+    out: Path,
+    *,
+    held_out: int = 8,
+    per_task: int | None = 20,
+    learn_steps: int = 40,
+    seed: int = 0,
+) -> dict:
+    """``lorafuse scale-study``: merges of 2, 4, ..., all private experts; JSON + PNG."""
+    from lorafuse.analysis.scale import plot_scale, scale_study
+
+    task_of = {name: tasks[0] for name, tasks in ws.tasks_of.items() if name in ws.private}
+    if len(task_of) < len(ws.private) or not task_of:
+        raise LorafuseError(f"{ws.library}: the scale study needs each private expert's task")
+    test_idx, val_idx = ws.per_task("test", per_task), ws.per_task("val", per_task)
+    t0 = time.perf_counter()
+    result = scale_study(
+        ws.base.model,
+        ws.private,
+        task_of,
+        [ws.encoded("test")[i] for i in test_idx],
+        [ws.examples("test")[i].task for i in test_idx],
+        [ws.encoded("val")[i] for i in val_idx],
+        [ws.examples("val")[i].task for i in val_idx],
+        ws.cache,
+        held_out=held_out,
+        learn_steps=learn_steps,
+        seed=seed,
+    )
+    result.update(
+        seconds=time.perf_counter() - t0,
+        config={"library": str(ws.library), "per_task": per_task, "held_out": held_out},
+        versions=versions(),
+    )
+    atomic_write_json(out / "scale.json", result)
+    plot_scale(result, out / "scale.png", title=f"merging at scale ({len(ws.private)} experts)")
+    return result

@@ -108,12 +108,16 @@ def load_tasks(
     seed: int = 0,
     sizes: dict[str, int] | None = None,
 ) -> TaskSuite:
-    """``"builtin"`` for the built-in suite, or a JSONL path split per task by seed.
+    """``"builtin"``, a BIG-bench suite (``bigbench48``, ``bigbench:TASK,...``), or a JSONL
+    path split per task by seed.
 
     A JSONL file with a ``split`` field per line keeps the user's splits instead.
     """
+    from lorafuse.tasks.bigbench import is_bigbench_spec, load_bigbench
     from lorafuse.tasks.builtin import DEFAULT_SIZES, builtin_suite
 
+    if is_bigbench_spec(spec):
+        return load_bigbench(spec, seed=seed, sizes=sizes)
     sizes = dict(sizes or DEFAULT_SIZES)
     if spec == "builtin":
         return builtin_suite(seed=seed, sizes=sizes)

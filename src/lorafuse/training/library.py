@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from lorafuse.core.encode import encode_examples
 from lorafuse.core.states import StateCache
 from lorafuse.io import atomic_write_text
@@ -43,9 +45,15 @@ def train_library(
     jobs = [(t, [t], "private", config) for t in tasks]
     mt_config = config.model_copy(update={"steps": multitask_steps or 2 * config.steps})
     jobs.append((MULTITASK, tasks, MULTITASK, mt_config))
-    for name, job_tasks, kind, cfg in jobs:
-        if name in done:
-            continue
+    todo = [job for job in jobs if job[0] not in done]
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="library",
+        unit="expert",
+        disable=not progress,
+    )
+    for name, job_tasks, kind, cfg in todo:
         examples = suite.get("train", job_tasks)
         encoded = encode_examples(base.tokenizer, examples)
         rel = f"experts/{name}"
@@ -68,6 +76,8 @@ def train_library(
         write_expert_card(out_dir / rel, entry, base.name)
         manifest.experts = [e for e in manifest.experts if e.name != name] + [entry]
         write_manifest(out_dir, manifest)
+        bar.update(1)  # tqdm's ETA: experts left x mean time of the experts trained so far
+    bar.close()
     return manifest
 
 
