@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from lorafuse.commands.library import app as library_app
 from lorafuse.errors import LorafuseError
 
 app = typer.Typer(
@@ -87,9 +88,13 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")],
     base_model: BaseOpt = "embedded",
     adapter: Annotated[Path | None, typer.Option(help="One PEFT adapter directory.")] = None,
-    library: Annotated[Path | None, typer.Option(help="A lorafuse library directory.")] = None,
+    library: Annotated[
+        Path | None, typer.Option(help="A lorafuse library, or a folder of PEFT adapters.")
+    ] = None,
     tasks: TasksOpt = "builtin",
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: Annotated[
+        str, typer.Option(help="train, val, test, or all (every line of the file, unsplit).")
+    ] = "test",
     seed: SeedOpt = 0,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights.")] = False,
     method: MethodOpt = None,
@@ -406,6 +411,9 @@ def methods() -> None:
     for f in FUSION_METHODS.values():
         params = [p for p in inspect.signature(f.build).parameters if p not in ("ws", "seed")]
         typer.echo(f"  {f.name:18} {f.family:10} {f.summary}  [{', '.join(params)}]")
+
+
+app.add_typer(library_app, name="library")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from lorafuse import __version__
 from lorafuse.core.encode import Encoded, encode_examples
 from lorafuse.core.forward import num_layers
 from lorafuse.core.mixture import layer_index
-from lorafuse.core.peft_adapters import peft_adapters
+from lorafuse.core.peft_adapters import peft_adapters, peft_names
 from lorafuse.core.states import StateCache
 from lorafuse.eval.harness import ExampleScores, model_log_probs, per_task, score_examples
 from lorafuse.eval.report import markdown_table
@@ -22,7 +22,7 @@ from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter, check_compatible, check_weights, open_library
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
-from lorafuse.tasks.example import Example
+from lorafuse.tasks.example import ALL, Example
 
 DEFAULT_TOP_LAYERS = 6
 BASE_ROW = "base"
@@ -54,9 +54,10 @@ def score_adapters(
     out: dict[str, tuple[ExampleScores, float]] = {}
     if not adapters:
         return out
+    internal = peft_names(adapters)
     with peft_adapters(base, adapters) as model:
         for name in tqdm(adapters, desc="score adapters", unit="adapter"):
-            model.set_adapter(name)
+            model.set_adapter(internal[name])
             idx = list(subsets[name]) if subsets and name in subsets else range(len(encoded))
             t0 = time.perf_counter()
             part = score_examples(
@@ -140,7 +141,8 @@ def evaluate_command(
             e.tasks[0]: e.name for e in manifest.experts if e.kind == "private" and e.tasks
         }
     check_weights(list(opened.values()))
-    suite = load_tasks(tasks, seed=seed)  # bad inputs fail before the model loads
+    # bad inputs fail before the model loads; --split all scores every line, unsplit
+    suite = load_tasks(tasks, seed=seed, all_lines=split == ALL)
     examples = suite.get(split)
     base = load_base_model(base_model)
     check_compatible(list(opened.values()), base_model=base.model)

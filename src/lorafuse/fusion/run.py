@@ -18,6 +18,7 @@ from lorafuse.fusion.base import evaluate
 from lorafuse.fusion.methods import build_fusion
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter
+from lorafuse.tasks.example import ALL
 from lorafuse.workspace import Workspace, open_workspace
 
 
@@ -103,6 +104,11 @@ def fusion_command(
     """``lorafuse eval --method`` / ``route`` / ``ensemble``: scores per task of each method."""
     if not methods:
         raise LorafuseError("name at least one --method")
+    if split == ALL:
+        raise LorafuseError(
+            "--split all scores adapters as they are; fusion methods fit on the val split "
+            "(use --split test)"
+        )
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
     rows, info = run_methods(ws, {m: (m, dict(params)) for m in methods}, split, seed=seed)
     reference = None
