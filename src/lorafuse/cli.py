@@ -119,6 +119,8 @@ def eval_cmd(
         allow_pickle=allow_pickle,
     )
     typer.echo(results["table"])
+    for note in results["notes"]:
+        typer.echo(f"note: {note}")
     typer.echo(f"wrote {out}")
 
 
@@ -147,6 +149,8 @@ def _fusion(
         with_oracle=with_oracle,
     )
     typer.echo(results["table"])
+    for note in results["notes"]:
+        typer.echo(f"note: {note}")
     typer.echo(f"wrote {out}")
 
 
@@ -378,6 +382,8 @@ def select_cmd(
     from lorafuse.workspace import open_workspace
 
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    if mbc:
+        ws.require_tasks("MBC (one expert per task group)")
     result = select_command(ws, out, how=how, per_task=per_task, seed=seed)
     typer.echo(f"greedy: {result['greedy']}")
     for c, entry in result["clusters"].items():

@@ -20,6 +20,7 @@ from lorafuse.eval.harness import ExampleScores, model_log_probs, per_task, scor
 from lorafuse.eval.report import markdown_table
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter, check_compatible, check_weights, open_library
+from lorafuse.library.manifest import tasks_unknown, untasked
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
 from lorafuse.tasks.example import ALL, Example
@@ -103,6 +104,23 @@ def oracle(
     return ExampleScores(loss, correct)
 
 
+def oracle_note(
+    examples: Sequence[Example],
+    expert_of: Mapping[str, str],
+    untasked: Sequence[str],
+    library: str | Path | None,
+) -> str | None:
+    """Why no oracle row can be made from a library's experts (None when it can)."""
+    if untasked:
+        return tasks_unknown("the oracle row", library or "the library", list(untasked))
+    missing = sorted({ex.task for ex in examples} - set(expert_of))
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        return f"no oracle row: {library} has no private expert for task(s) {shown}"
+    return None
+
+
 def versions() -> dict[str, str]:
     import peft
     import torch
@@ -131,6 +149,7 @@ def evaluate_command(
     """``lorafuse eval``: scores per task for base / adapter / every expert of a library."""
     opened: dict[str, LoraAdapter] = {}
     expert_of: dict[str, str] = {}
+    no_tasks: list[str] = []
     if adapter is not None:
         a = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
         opened[a.name] = a
@@ -140,6 +159,7 @@ def evaluate_command(
         expert_of = {
             e.tasks[0]: e.name for e in manifest.experts if e.kind == "private" and e.tasks
         }
+        no_tasks = untasked(manifest)
     check_weights(list(opened.values()))
     # bad inputs fail before the model loads; --split all scores every line, unsplit
     suite = load_tasks(tasks, seed=seed, all_lines=split == ALL)
@@ -149,8 +169,13 @@ def evaluate_command(
     cache = StateCache(base, choose_split(base, list(opened.values())))
     encoded = encode_examples(base.tokenizer, examples)
     rows = score_rows(base, encoded, cache, {n: a.path for n, a in opened.items()})
-    if expert_of and all(ex.task in expert_of for ex in examples):
-        rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
+    notes = []
+    if library is not None:
+        note = oracle_note(examples, expert_of, no_tasks, library)
+        if note is None:
+            rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
+        else:
+            notes.append(note)
     summaries = summaries_of(examples, rows, reference=rows.get(ORACLE_ROW))
     primary = ORACLE_ROW if ORACLE_ROW in rows else (next(iter(opened)) if opened else BASE_ROW)
     results = {
@@ -166,6 +191,7 @@ def evaluate_command(
         },
         "seed": seed,
         "versions": versions(),
+        "notes": notes,
     }
     results["table"] = markdown_table(summaries)
     atomic_write_json(out, results)

@@ -34,6 +34,8 @@ __all__ = [
     "new_manifest",
     "open_library",
     "read_manifest",
+    "tasks_unknown",
+    "untasked",
     "write_manifest",
 ]
 
@@ -178,6 +180,20 @@ def load_manifest(library_dir: str | Path) -> LibraryManifest:
     if _manifest_path(library_dir).is_file():
         return read_manifest(library_dir)
     return folder_manifest(library_dir)
+
+
+def untasked(manifest: LibraryManifest) -> list[str]:
+    """Private experts whose tasks the manifest does not name (e.g. a plain adapter folder)."""
+    return [e.name for e in manifest.experts if e.kind == "private" and not e.tasks]
+
+
+def tasks_unknown(what: str, library: str | Path, names: list[str]) -> str:
+    """One line saying that ``what`` needs each expert's task and how to give them."""
+    shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    return (
+        f"{what} needs each expert's task, but {library} names none for {shown}; give them "
+        "with: lorafuse library create OUT ADAPTER_DIR... --task TASK ..."
+    )
 
 
 def write_manifest(library_dir: str | Path, manifest: LibraryManifest) -> None:
