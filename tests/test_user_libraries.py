@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lorafuse.eval.run as run_mod
+from lorafuse.analysis.run import connectivity_command, mbc_command
 from lorafuse.cli import main
 from lorafuse.compare import Table, references
 from lorafuse.core.encode import encode_examples
@@ -169,6 +170,10 @@ def test_plain_folder_runs_and_names_what_needs_tasks(
         assert "\n" not in str(err.value) and "--task" in str(err.value)
     with pytest.raises(LorafuseError, match="own task needs each expert's task"):
         ws.own_subsets("test")
+    with pytest.raises(LorafuseError, match=r"MBC \(one expert per task group\) needs"):
+        mbc_command(ws, tmp_path / "mbc")
+    with pytest.raises(LorafuseError, match="connectivity .* names none for double, to"):
+        connectivity_command(ws, "double", "to", tmp_path / "conn")
     monkeypatch.setattr(run_mod, "load_base_model", lambda spec: base)
     out = tmp_path / "r.json"
     results = run_mod.evaluate_command(
