@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from lorafuse.core.encode import collate, encode_examples
 from lorafuse.core.forward import lower_states, target_logits
-from lorafuse.core.peft_adapters import peft_adapters
+from lorafuse.core.peft_adapters import peft_adapters, peft_names
 from lorafuse.core.states import StateCache
 from lorafuse.demo import DEFAULT_LIBRARY
 from lorafuse.eval.harness import model_log_probs, score_examples
@@ -86,11 +86,12 @@ def test_private_experts_beat_base_on_their_tasks(base, small_suite, tmp_path: P
     cache = StateCache(base, 24, directory=tmp_path, progress=False)
     base_scores = score_examples(model_log_probs(base.model, 24), encoded, cache)
     hits = []
+    internal = peft_names(adapters)
     with peft_adapters(base, {n: a.path for n, a in adapters.items()}) as model:
         for entry in manifest.experts:
             if entry.kind != "private":
                 continue
-            model.set_adapter(entry.name)
+            model.set_adapter(internal[entry.name])
             idx = [i for i, ex in enumerate(examples) if ex.task in entry.tasks]
             scores = score_examples(model_log_probs(model, 24), [encoded[i] for i in idx], cache)
             hits.extend(scores.correct.tolist())

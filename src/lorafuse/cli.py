@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from lorafuse.commands.library import app as library_app
 from lorafuse.errors import LorafuseError
 
 app = typer.Typer(
@@ -92,9 +93,13 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")],
     base_model: BaseOpt = "embedded",
     adapter: Annotated[Path | None, typer.Option(help="One PEFT adapter directory.")] = None,
-    library: Annotated[Path | None, typer.Option(help="A lorafuse library directory.")] = None,
+    library: Annotated[
+        Path | None, typer.Option(help="A lorafuse library, or a folder of PEFT adapters.")
+    ] = None,
     tasks: TasksOpt = "builtin",
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: Annotated[
+        str, typer.Option(help="train, val, test, or all (every line of the file, unsplit).")
+    ] = "test",
     seed: SeedOpt = 0,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights.")] = False,
     method: MethodOpt = None,
@@ -119,6 +124,8 @@ def eval_cmd(
         allow_pickle=allow_pickle,
     )
     typer.echo(results["table"])
+    for note in results["notes"]:
+        typer.echo(f"note: {note}")
     typer.echo(f"wrote {out}")
 
 
@@ -147,6 +154,8 @@ def _fusion(
         with_oracle=with_oracle,
     )
     typer.echo(results["table"])
+    for note in results["notes"]:
+        typer.echo(f"note: {note}")
     typer.echo(f"wrote {out}")
 
 
@@ -378,6 +387,8 @@ def select_cmd(
     from lorafuse.workspace import open_workspace
 
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
+    if mbc:
+        ws.require_tasks("MBC (one expert per task group)")
     result = select_command(ws, out, how=how, per_task=per_task, seed=seed)
     typer.echo(f"greedy: {result['greedy']}")
     for c, entry in result["clusters"].items():
@@ -458,6 +469,9 @@ def _global(
         from lorafuse.tasks.bigbench import SOURCE_ENV
 
         os.environ[SOURCE_ENV] = str(bigbench_dir)
+
+
+app.add_typer(library_app, name="library")
 
 
 def main() -> None:

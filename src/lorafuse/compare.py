@@ -22,6 +22,7 @@ from lorafuse.eval.run import (
     BASE_ROW,
     ORACLE_ROW,
     oracle,
+    oracle_note,
     score_adapters,
     summaries_of,
     versions,
@@ -30,6 +31,7 @@ from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, targe
 from lorafuse.fusion.run import run_methods, source_bytes
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import LoraAdapter, save_adapter
+from lorafuse.library.manifest import tasks_unknown
 from lorafuse.merging import merge
 from lorafuse.merging.learned import learned_merge, save_learned_merge
 from lorafuse.training.library import MULTITASK
@@ -56,6 +58,7 @@ ROUTERS: dict[str, tuple[str, dict]] = {
     "twin": ("twin", {}),
     "twin_group": ("twin_group", {}),
 }
+TASK_ROUTERS = frozenset({"twin", "twin_group"})  # routers trained on each expert's task
 # ELREA rows, when the library has the builds (``lorafuse elrea``).
 ELREA: dict[str, tuple[str, dict]] = {
     "elrea": ("elrea", {}),
@@ -73,6 +76,7 @@ class Table:
     family: dict[str, str] = field(default_factory=dict)
     costs: dict[str, dict[str, float | None]] = field(default_factory=dict)
     info: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # rows left out, and why
 
     def add(self, row: str, family: str, scores: ExampleScores, **costs: float | None) -> None:
         self.scores[row] = scores
@@ -103,10 +107,15 @@ def references(ws: Workspace, table: Table) -> None:
         infer_ms=1e3 * (time.perf_counter() - t0) / n,
         stored_mb=0,
     )
-    adapters = {name: a.path for name, a in ws.private.items()}
+    note = oracle_note(examples, ws.expert_of, ws.untasked, ws.library)
+    if note:
+        table.notes.append(note)
+    # the private experts are scored (on their own tasks) only to make the oracle row
+    adapters = {name: a.path for name, a in ws.private.items()} if note is None else {}
     if MULTITASK in ws.adapters:
         adapters[MULTITASK] = ws.adapters[MULTITASK].path
-    scored = score_adapters(ws.base, encoded, ws.cache, adapters, ws.own_subsets("test"))
+    subsets = ws.own_subsets("test") if note is None else None
+    scored = score_adapters(ws.base, encoded, ws.cache, adapters, subsets)
     if MULTITASK in scored:
         scores, secs = scored[MULTITASK]
         table.add(
@@ -117,7 +126,7 @@ def references(ws: Workspace, table: Table) -> None:
             infer_ms=1e3 * secs / n,
             stored_mb=_mb(ws.adapters[MULTITASK].num_bytes),
         )
-    if all(ex.task in ws.expert_of for ex in examples):
+    if note is None:
         rows = {name: scored[name][0] for name in ws.private}
         train = [_trained_s(ws, name) for name in ws.private]
         table.add(
@@ -250,6 +259,9 @@ def run_compare(
     out = Path(out)
     timings: dict[str, float] = {}
     table = Table()
+    if ws.untasked:  # Twin's router learns from task labels
+        skip = skip | TASK_ROUTERS
+        table.notes.append(tasks_unknown("twin", ws.library, ws.untasked))
     t0 = time.perf_counter()
     ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
     ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
@@ -289,7 +301,10 @@ def run_compare(
             "library_config": ws.manifest.config,
         },
         "versions": versions(),
+        "notes": table.notes,
     }
+    for note in table.notes:
+        print(f"note: {note}", flush=True)
     title = title or "lorafuse compare"
     atomic_write_json(out / "results.json", results)
     plot_methods(
@@ -303,6 +318,8 @@ def run_compare(
         "training s (experts' own training not counted except for the oracle and multi-task "
         "rows), inference ms per item on this machine, stored MB."
     )
+    if table.notes:
+        intro += "\n\n" + "\n".join(f"- Note: {n}" for n in table.notes)
     footer = "Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
     atomic_write_text(
         out / "report.md",

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from lorafuse.core.encode import Encoded, encode_examples
 from lorafuse.core.states import StateCache
+from lorafuse.errors import LorafuseError
 from lorafuse.eval.run import choose_split
 from lorafuse.library import LoraAdapter, check_compatible, check_weights, open_library
-from lorafuse.library.manifest import LibraryManifest
+from lorafuse.library.manifest import LibraryManifest, tasks_unknown, untasked
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
 from lorafuse.tasks.example import Example, TaskSuite
@@ -47,8 +48,19 @@ class Workspace:
         """Expert name -> the tasks it was trained on."""
         return {e.name: e.tasks for e in self.manifest.experts}
 
+    @property
+    def untasked(self) -> list[str]:
+        """Private experts whose tasks are unknown (a plain folder of adapters)."""
+        return untasked(self.manifest)
+
+    def require_tasks(self, what: str) -> None:
+        """One-line error unless every private expert's tasks are known."""
+        if self.untasked:
+            raise LorafuseError(tasks_unknown(what, self.library, self.untasked))
+
     def own_subsets(self, split: str) -> dict[str, list[int]]:
         """Private expert -> indices of the split's examples of its own tasks."""
+        self.require_tasks("scoring each expert on its own task")
         tasks_of = self.tasks_of
         return {
             name: [i for i, ex in enumerate(self.examples(split)) if ex.task in tasks_of[name]]

@@ -13,6 +13,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.eval.run import versions
 from lorafuse.fusion.base import evaluate
 from lorafuse.io import atomic_write_json
+from lorafuse.library.manifest import tasks_unknown
 from lorafuse.workspace import Workspace
 
 
@@ -26,6 +27,8 @@ def connectivity_command(
                 f"no expert {name!r} in {ws.library} (have: {', '.join(ws.adapters)})"
             )
     tasks_of = ws.tasks_of
+    if unknown := [n for n in (a, b) if not tasks_of[n]]:
+        raise LorafuseError(tasks_unknown("connectivity (curves per task)", ws.library, unknown))
     examples = ws.examples(split)
     idx = [i for i, ex in enumerate(examples) if ex.task in {*tasks_of[a], *tasks_of[b]}]
     if not idx:
@@ -119,6 +122,7 @@ def mbc_command(
     from lorafuse.training.config import TrainConfig
     from lorafuse.training.train import train_adapter
 
+    ws.require_tasks("MBC (one expert per task group)")
     names = list(ws.private)
     tasks_of = ws.tasks_of
     groups = cluster_experts(list(ws.private.values()), clusters)

@@ -14,15 +14,16 @@ from lorafuse import __version__
 from lorafuse.core.encode import Encoded, encode_examples
 from lorafuse.core.forward import num_layers
 from lorafuse.core.mixture import layer_index
-from lorafuse.core.peft_adapters import peft_adapters
+from lorafuse.core.peft_adapters import peft_adapters, peft_names
 from lorafuse.core.states import StateCache
 from lorafuse.eval.harness import ExampleScores, model_log_probs, per_task, score_examples
 from lorafuse.eval.report import markdown_table
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter, check_compatible, check_weights, open_library
+from lorafuse.library.manifest import tasks_unknown, untasked
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
-from lorafuse.tasks.example import Example
+from lorafuse.tasks.example import ALL, Example
 
 DEFAULT_TOP_LAYERS = 6
 BASE_ROW = "base"
@@ -54,9 +55,10 @@ def score_adapters(
     out: dict[str, tuple[ExampleScores, float]] = {}
     if not adapters:
         return out
+    internal = peft_names(adapters)
     with peft_adapters(base, adapters) as model:
         for name in tqdm(adapters, desc="score adapters", unit="adapter"):
-            model.set_adapter(name)
+            model.set_adapter(internal[name])
             idx = list(subsets[name]) if subsets and name in subsets else range(len(encoded))
             t0 = time.perf_counter()
             part = score_examples(
@@ -102,6 +104,23 @@ def oracle(
     return ExampleScores(loss, correct)
 
 
+def oracle_note(
+    examples: Sequence[Example],
+    expert_of: Mapping[str, str],
+    untasked: Sequence[str],
+    library: str | Path | None,
+) -> str | None:
+    """Why no oracle row can be made from a library's experts (None when it can)."""
+    if untasked:
+        return tasks_unknown("the oracle row", library or "the library", list(untasked))
+    missing = sorted({ex.task for ex in examples} - set(expert_of))
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        return f"no oracle row: {library} has no private expert for task(s) {shown}"
+    return None
+
+
 def versions() -> dict[str, str]:
     import peft
     import torch
@@ -130,6 +149,7 @@ def evaluate_command(
     """``lorafuse eval``: scores per task for base / adapter / every expert of a library."""
     opened: dict[str, LoraAdapter] = {}
     expert_of: dict[str, str] = {}
+    no_tasks: list[str] = []
     if adapter is not None:
         a = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
         opened[a.name] = a
@@ -139,16 +159,23 @@ def evaluate_command(
         expert_of = {
             e.tasks[0]: e.name for e in manifest.experts if e.kind == "private" and e.tasks
         }
+        no_tasks = untasked(manifest)
     check_weights(list(opened.values()))
-    suite = load_tasks(tasks, seed=seed)  # bad inputs fail before the model loads
+    # bad inputs fail before the model loads; --split all scores every line, unsplit
+    suite = load_tasks(tasks, seed=seed, all_lines=split == ALL)
     examples = suite.get(split)
     base = load_base_model(base_model)
     check_compatible(list(opened.values()), base_model=base.model)
     cache = StateCache(base, choose_split(base, list(opened.values())))
     encoded = encode_examples(base.tokenizer, examples)
     rows = score_rows(base, encoded, cache, {n: a.path for n, a in opened.items()})
-    if expert_of and all(ex.task in expert_of for ex in examples):
-        rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
+    notes = []
+    if library is not None:
+        note = oracle_note(examples, expert_of, no_tasks, library)
+        if note is None:
+            rows[ORACLE_ROW] = oracle(examples, rows, expert_of)
+        else:
+            notes.append(note)
     summaries = summaries_of(examples, rows, reference=rows.get(ORACLE_ROW))
     primary = ORACLE_ROW if ORACLE_ROW in rows else (next(iter(opened)) if opened else BASE_ROW)
     results = {
@@ -164,6 +191,7 @@ def evaluate_command(
         },
         "seed": seed,
         "versions": versions(),
+        "notes": notes,
     }
     results["table"] = markdown_table(summaries)
     atomic_write_json(out, results)

@@ -260,6 +260,7 @@ def _twin_parts(
     ws: Workspace, shared: str, scale: float, rank: int, max_per_task: int, epochs: int, seed: int
 ) -> tuple:
     """Shared + exclusive factor sets, validation prompt features and labels, trained router."""
+    ws.require_tasks("twin (its router learns which expert's task a prompt is)")
     experts = list(ws.private.values())
     params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
     shared_set, *sources = make_twin_sources(

@@ -13,11 +13,19 @@ from lorafuse.core.mixture import FactorSet
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import ExampleScores
 from lorafuse.eval.report import markdown_table
-from lorafuse.eval.run import ORACLE_ROW, oracle, score_adapters, summaries_of, versions
+from lorafuse.eval.run import (
+    ORACLE_ROW,
+    oracle,
+    oracle_note,
+    score_adapters,
+    summaries_of,
+    versions,
+)
 from lorafuse.fusion.base import evaluate
 from lorafuse.fusion.methods import build_fusion
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter
+from lorafuse.tasks.example import ALL
 from lorafuse.workspace import Workspace, open_workspace
 
 
@@ -103,12 +111,20 @@ def fusion_command(
     """``lorafuse eval --method`` / ``route`` / ``ensemble``: scores per task of each method."""
     if not methods:
         raise LorafuseError("name at least one --method")
+    if split == ALL:
+        raise LorafuseError(
+            "--split all scores adapters as they are; fusion methods fit on the val split "
+            "(use --split test)"
+        )
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
     rows, info = run_methods(ws, {m: (m, dict(params)) for m in methods}, split, seed=seed)
-    reference = None
-    if with_oracle and all(ex.task in ws.expert_of for ex in ws.examples(split)):
+    reference, notes = None, []
+    note = oracle_note(ws.examples(split), ws.expert_of, ws.untasked, ws.library)
+    if with_oracle and note is None:
         reference = expert_rows(ws, split)[ORACLE_ROW]
         rows[ORACLE_ROW] = reference
+    elif with_oracle:
+        notes.append(note)
     summaries = summaries_of(ws.examples(split), rows, reference=reference)
     for row, extra in info.items():
         summaries[row]["info"] = extra
@@ -126,6 +142,7 @@ def fusion_command(
         },
         "seed": seed,
         "versions": versions(),
+        "notes": notes,
         "table": markdown_table(summaries),
     }
     atomic_write_json(out, results)

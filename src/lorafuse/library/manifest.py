@@ -4,6 +4,9 @@ A library is a directory with ``library.json`` and one PEFT adapter subdirectory
 expert. The manifest records where each expert lives, which tasks it was trained on and
 how (``train``), and what that cost or achieved (``metrics``), so fusion runs are
 reproducible from the library alone. Unknown fields are errors, not silently dropped.
+
+A plain folder whose subfolders are PEFT adapters is read as a library too: each adapter
+subfolder is an expert named after it, with its tasks unknown (``tasks: []``).
 """
 
 from __future__ import annotations
@@ -23,16 +26,23 @@ from lorafuse.library.compat import check_compatible
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "UNKNOWN_BASE",
     "ExpertEntry",
     "LibraryManifest",
+    "folder_manifest",
+    "load_manifest",
     "new_manifest",
     "open_library",
     "read_manifest",
+    "tasks_unknown",
+    "untasked",
     "write_manifest",
 ]
 
 MANIFEST_NAME = "library.json"
 FORMAT_VERSION = 1
+UNKNOWN_BASE = "unknown"  # base_model of a library whose adapters name none
+_ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ExpertEntry(BaseModel):
@@ -133,6 +143,59 @@ def read_manifest(library_dir: str | Path) -> LibraryManifest:
         raise LorafuseError(_first_error(exc), path) from None
 
 
+def folder_manifest(folder: str | Path) -> LibraryManifest:
+    """The manifest of a plain folder of PEFT adapters: one private expert per subfolder
+    holding ``adapter_config.json``, named after it, tasks unknown (sorted by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafuseError("library directory not found", folder)
+    if (folder / _ADAPTER_CONFIG).is_file():
+        raise LorafuseError(
+            "is a single PEFT adapter, not a library (use --adapter, or make a library with "
+            "lorafuse library create)",
+            folder,
+        )
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and (d / _ADAPTER_CONFIG).is_file())
+    subdirs = [d for d in subdirs if not d.name.startswith(".")]  # temp dirs of atomic writes
+    if not subdirs:
+        raise LorafuseError(
+            f"not a library: no {MANIFEST_NAME} and no subfolder holding a PEFT adapter "
+            f"({_ADAPTER_CONFIG})",
+            folder,
+        )
+    bases = {_named_base(d / _ADAPTER_CONFIG) for d in subdirs} - {None}
+    experts = [ExpertEntry(name=d.name, path=d.name, tasks=[]) for d in subdirs]
+    return new_manifest(min(bases) if bases else UNKNOWN_BASE, experts)  # type: ignore[type-var]
+
+
+def _named_base(config: Path) -> str | None:
+    data = read_json(config)
+    value = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    return str(value) if value else None
+
+
+def load_manifest(library_dir: str | Path) -> LibraryManifest:
+    """``library.json`` if the directory has one, else the manifest of a plain folder of
+    PEFT adapters (:func:`folder_manifest`)."""
+    if _manifest_path(library_dir).is_file():
+        return read_manifest(library_dir)
+    return folder_manifest(library_dir)
+
+
+def untasked(manifest: LibraryManifest) -> list[str]:
+    """Private experts whose tasks the manifest does not name (e.g. a plain adapter folder)."""
+    return [e.name for e in manifest.experts if e.kind == "private" and not e.tasks]
+
+
+def tasks_unknown(what: str, library: str | Path, names: list[str]) -> str:
+    """One line saying that ``what`` needs each expert's task and how to give them."""
+    shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    return (
+        f"{what} needs each expert's task, but {library} names none for {shown}; give them "
+        "with: lorafuse library create OUT ADAPTER_DIR... --task TASK ..."
+    )
+
+
 def write_manifest(library_dir: str | Path, manifest: LibraryManifest) -> None:
     """Write ``library_dir/library.json`` atomically."""
     atomic_write_text(Path(library_dir) / MANIFEST_NAME, manifest.model_dump_json(indent=2) + "\n")
@@ -143,10 +206,12 @@ def open_library(
 ) -> tuple[LibraryManifest, dict[str, LoraAdapter]]:
     """Read the manifest and open its experts (only ``kinds``, if given), checked compatible.
 
-    Returns the full manifest and ``{expert name: adapter}`` in manifest order.
+    ``library_dir`` is a lorafuse library or a plain folder of PEFT adapters
+    (:func:`load_manifest`). Returns the full manifest and ``{expert name: adapter}`` in
+    manifest order.
     """
     library_dir = Path(library_dir)
-    manifest = read_manifest(library_dir)
+    manifest = load_manifest(library_dir)
     root = _manifest_path(library_dir).parent
     adapters = {
         e.name: LoraAdapter.open(root / e.path, allow_pickle=allow_pickle)
