@@ -13,8 +13,9 @@ LoRA factors in, one LoRA out; no d_out x d_in matrix is formed.
   delta is exactly ``U_B M_i V_A^T`` with the small core ``M_i = U_B^T delta_i V_A`` (R x R),
   mixed ranks included. An ``inner`` method merges the cores and the result is mapped back:
   ``U_B M V_A^T``. Task arithmetic, TSV-M and Iso-C give the same delta as in full space (their
-  operations commute with the orthonormal bases); entrywise methods (TIES, DARE) act on core
-  entries, which is the point of the paper.
+  operations commute with the orthonormal bases; TSV-M's per-task count ``k`` is then taken
+  from the cores' size, ``floor(min(R_B, R_A) / T)``); entrywise methods (TIES, DARE) act on
+  core entries, which is the point of the paper.
 
 Singular vectors with (numerically) zero singular values carry no direction and are dropped.
 """
