@@ -288,3 +288,15 @@ def test_methods_keep_dtype_and_zero_experts() -> None:
         assert fn(f32, [1.0] * 3, **kw).A.dtype == torch.float32
         z = fn([zero, zero], [1.0, 1.0], **kw)
         assert z.rank >= 1 and torch.count_nonzero(z.delta()) == 0
+
+
+def test_compare_rows_are_valid_settings() -> None:
+    from lorafuse.compare import MERGES, RECENT_MERGES
+    from lorafuse.merging import merge_module
+
+    assert not set(RECENT_MERGES) & set(MERGES)
+    f32 = [LoraFactors(A=p.A.float(), B=p.B.float(), scaling=p.scaling) for p in PARTS]
+    for method, params in RECENT_MERGES.values():
+        spec = get_method(method)
+        out = merge_module(spec, f32, spec.default_weight_list(3), spec.parse_params(params))
+        assert out.delta().shape == (7, 6) and torch.isfinite(out.delta()).all()
