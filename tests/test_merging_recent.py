@@ -120,6 +120,21 @@ def test_breadcrumbs_prune_drops_both_tails() -> None:
     assert int((breadcrumbs_prune(x, 0.9, 0.5) != 0).sum()) == 9
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.05), (0.5, 0.0), (0.9, 0.2), (1.0, 0.0)])
+def test_breadcrumbs_prune_equals_stable_sort(tied: bool, density: float, gamma: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 13, generator=g, dtype=D)
+    if tied:  # few distinct magnitudes: every threshold is tied, broken by position
+        x = torch.randint(-3, 4, (9, 13), generator=g).to(D)
+    n = x.numel()
+    keep, top = round(density * n), min(round(gamma * n), n - round(density * n))
+    flat = x.reshape(-1).tolist()
+    ranked = sorted(range(n), key=lambda i: (-abs(flat[i]), i))[top : top + keep]
+    want = torch.tensor([v if i in ranked else 0.0 for i, v in enumerate(flat)], dtype=D)
+    torch.testing.assert_close(breadcrumbs_prune(x, density, gamma), want.reshape(9, 13))
+
+
 def test_breadcrumbs_merge_is_scaled_sum_of_masked() -> None:
     ts = dense(PARTS, [1.0] * 3)
     out = breadcrumbs(torch.stack(ts), W, density=0.4, gamma=0.05, scale=0.7)

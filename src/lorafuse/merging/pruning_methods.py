@@ -66,14 +66,29 @@ def della_prune(
 def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """A copy of the 2-D ``delta`` keeping the ``round(density * n)`` entries that follow the
     ``round(gamma * n)`` largest magnitudes (fewer outliers are dropped when the two do not
-    fit in ``n``). Order: ``|delta|`` descending, ties by position (stable sort)."""
+    fit in ``n``). Order: ``|delta|`` descending, ties by position (stable sort).
+
+    The two thresholds come from selection (``kthvalue``); only when a magnitude is tied at a
+    threshold is the whole matrix sorted to break the tie by position.
+    """
     n = delta.numel()
     keep = min(round(density * n), n)
     top = min(round(gamma * n), n - keep)
-    order = torch.argsort(delta.abs().reshape(n), descending=True, stable=True)
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[top : top + keep]] = 1.0
-    return delta * mask.reshape(delta.shape)
+    a = delta.abs().reshape(n)
+    mask = torch.ones(n, dtype=torch.bool, device=delta.device)
+    untied = True
+    for rank, side in ((top, "below"), (top + keep, "at_least")):
+        if 0 < rank < n or (rank == n and side == "below"):
+            t = torch.kthvalue(a, n - rank + 1).values  # the rank-th largest
+            mask &= (a < t) if side == "below" else (a >= t)
+            untied &= int((a == t).sum()) == 1
+        elif rank == 0 and side == "at_least":
+            mask.zero_()
+    if not (untied and int(mask.sum()) == keep):
+        order = torch.argsort(a, descending=True, stable=True)
+        mask.zero_()
+        mask[order[top : top + keep]] = True
+    return delta * mask.reshape(delta.shape).to(delta.dtype)
 
 
 def della(
