@@ -315,3 +315,25 @@ def test_compare_rows_are_valid_settings() -> None:
         spec = get_method(method)
         out = merge_module(spec, f32, spec.default_weight_list(3), spec.parse_params(params))
         assert out.delta().shape == (7, 6) and torch.isfinite(out.delta()).all()
+
+
+def test_lorafuse_methods_lists_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafuse.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lorafuse", "methods"])
+    try:
+        main()
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+    lines = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().out.splitlines()[1:]
+        if line.startswith("  ")
+    }
+    dense = ["della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "pcb"]
+    svd = ["tsv_m", "tsv_c", "iso_c", "iso_cts", "knots"]
+    new = {**dict.fromkeys(dense, "dense"), **dict.fromkeys(svd, "svd")}
+    new |= {"core_space": "factors", "wudi": "factors"}
+    assert {name: lines.get(name) for name in new} == new
