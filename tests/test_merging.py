@@ -404,6 +404,18 @@ def test_registry_table() -> None:
         "dare_linear": "dense",
         "dare_ties": "dense",
         "magnitude": "dense",
+        "della": "dense",
+        "della_linear": "dense",
+        "breadcrumbs": "dense",
+        "breadcrumbs_ties": "dense",
+        "pcb": "dense",
+        "tsv_m": "svd",
+        "tsv_c": "svd",
+        "iso_c": "svd",
+        "iso_cts": "svd",
+        "knots": "svd",
+        "core_space": "factors",
+        "wudi": "factors",
     }
     for name, method in MERGE_METHODS.items():
         assert method.name == name and method.url.startswith("https://") and method.summary
@@ -418,7 +430,7 @@ def test_register_duplicate_raises() -> None:
 @pytest.mark.parametrize(
     ("method", "params", "message"),
     [
-        ("nope", {}, r"unknown merge method 'nope' \(known: dare_linear, dare_ties, "),
+        ("nope", {}, r"unknown merge method 'nope' \(known: breadcrumbs, breadcrumbs_ties, "),
         ("ties", {"density": 0.5, "x": 1}, r"unknown parameter 'x' for method 'ties' \(known: "),
         ("ties", {"density": 0}, r"invalid parameter 'density' for method 'ties': .*greater"),
         ("ties", {"density": 1.5}, r"invalid parameter 'density' for method 'ties': .*less"),

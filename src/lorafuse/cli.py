@@ -215,6 +215,9 @@ def compare(
     base_model: BaseOpt = "embedded",
     tasks: TasksOpt = "builtin",
     seed: SeedOpt = 0,
+    recent_merges: Annotated[
+        bool, typer.Option(help="Add the merges since 2024 (DELLA, TSV, Iso, KnOTS, ...).")
+    ] = False,
 ) -> None:
     """Every method (ensembles, merges, routers, ELREA) on the test split, with costs:
     results.json, report.md/.html, methods.png, tasks.png."""
@@ -222,7 +225,7 @@ def compare(
     from lorafuse.workspace import open_workspace
 
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
-    results = run_compare(ws, out, seed=seed)
+    results = run_compare(ws, out, seed=seed, recent_merges=recent_merges)
     typer.echo(results["table"])
     typer.echo(f"wrote {out}/results.json, report.md, report.html, methods.png, tasks.png")
 

@@ -45,6 +45,24 @@ MERGES: dict[str, tuple[str, dict]] = {
     "ties": ("ties", {"density": 0.2, "scale": 1.0}),
     "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
 }
+# The merges since 2024 (``lorafuse methods``), rows only when asked for
+# (``run_compare(recent_merges=True)``, ``lorafuse compare --recent-merges``). Settings from
+# each paper or its reference code; scale 0.3 (as task_arithmetic above) where a method adds
+# the task vectors up, 1 where it averages them or sets the magnitude itself.
+RECENT_MERGES: dict[str, tuple[str, dict]] = {
+    "della": ("della", {"density": 0.5, "epsilon": 0.15, "seed": 0}),
+    "della_linear": ("della_linear", {"density": 0.5, "epsilon": 0.15, "scale": 0.3}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
+    "pcb": ("pcb", {"density": 0.1}),
+    "tsv_m": ("tsv_m", {"scale": 1.0}),
+    "tsv_c": ("tsv_c", {"scale": 0.3}),
+    "iso_c": ("iso_c", {"scale": 1.0}),
+    "iso_cts": ("iso_cts", {"scale": 1.0, "common_fraction": 0.8}),
+    "knots": ("knots", {"density": 0.2, "scale": 0.6}),
+    "core_space": ("core_space", {"inner": "ties", "density": 0.2}),
+    "wudi": ("wudi", {}),
+}
 # Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
 LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
@@ -165,12 +183,19 @@ def ensembles(ws: Workspace, table: Table) -> None:
     table.info["ensemble_learned"] = {"weights": learned.tolist()}
 
 
-def merges(ws: Workspace, table: Table, out: Path, seed: int) -> None:
-    """Static and learned merges, saved as PEFT adapters under ``out/merged`` and scored."""
+def merges(
+    ws: Workspace,
+    table: Table,
+    out: Path,
+    seed: int,
+    rows: Mapping[str, tuple[str, dict]] = MERGES,
+) -> None:
+    """Static merges (``rows``) and learned merges, saved as PEFT adapters under
+    ``out/merged`` and scored."""
     experts = list(ws.private.values())
     paths: dict[str, Path] = {}
     made_s: dict[str, float] = {}
-    for row, (method, params) in MERGES.items():
+    for row, (method, params) in rows.items():
         t0 = time.perf_counter()
         factors = merge(experts, method, progress=False, **params)
         made_s[row] = time.perf_counter() - t0
@@ -248,12 +273,14 @@ def run_compare(
     elrea_rows: list[str] | None = None,
     distil: bool = True,
     skip: frozenset[str] = frozenset(),
+    recent_merges: bool = False,
 ) -> dict:
     """Every method on the workspace's test split; writes and returns the results.
 
     ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters);
     ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training);
-    ``skip`` names routing rows to leave out.
+    ``skip`` names routing rows to leave out; ``recent_merges`` adds the rows of
+    :data:`RECENT_MERGES`.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -266,11 +293,12 @@ def run_compare(
     ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
     ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
     timings["state_cache_s"] = time.perf_counter() - t0
+    static_rows = {**MERGES, **(RECENT_MERGES if recent_merges else {})}
     steps = [
         ("references_s", lambda: references(ws, table)),
         ("ensembles_s", lambda: ensembles(ws, table)),
         ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else {}, seed)),
-        ("merges_s", lambda: merges(ws, table, out, seed)),
+        ("merges_s", lambda: merges(ws, table, out, seed, static_rows)),
         ("routing_s", lambda: fusions(ws, table, _without(ROUTERS, skip), seed)),
         ("elrea_s", lambda: fusions(ws, table, available_elrea(ws, elrea_rows), seed)),
     ]

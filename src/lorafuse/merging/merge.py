@@ -117,7 +117,7 @@ def merge_module(
     niter = kwargs.pop("svd_niter", 2)
     if "seed" in kwargs:
         kwargs["seed"] = seed
-    if method.space == "factors":
+    if method.space in ("factors", "svd"):
         result: LoraFactors = method.fn(list(parts), list(weights), **kwargs)
         if rank is not None and rank < result.rank:
             result = compress_factors(result, rank)

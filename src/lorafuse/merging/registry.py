@@ -22,7 +22,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafuse.errors import LorafuseError
-from lorafuse.merging import factor_methods
+from lorafuse.merging import (
+    factor_methods,
+    interference_methods,
+    pruning_methods,
+    subspace_methods,
+    svd_methods,
+)
 from lorafuse.merging.dense_methods import generalized_task_arithmetic
 
 __all__ = [
@@ -92,12 +98,64 @@ class TiesParams(SparseParams):
     )
 
 
+class DellaParams(TiesParams):
+    epsilon: float = Field(
+        default=0.15, gt=0.0, description="keep probabilities span density +- epsilon"
+    )
+
+    @field_validator("epsilon")
+    @classmethod
+    def _in_unit_interval(cls, eps: float, info: Any) -> float:
+        density = info.data.get("density")
+        if density is not None and not (density - eps > 0 and density + eps <= 1):
+            raise ValueError(f"density +- epsilon must lie in (0, 1] (density {density})")
+        return eps
+
+
+class BreadcrumbsParams(TiesParams):
+    gamma: float = Field(
+        default=0.01, ge=0.0, lt=1.0, description="fraction of largest magnitudes dropped"
+    )
+
+
+class PcbParams(DenseParams):
+    density: Density
+
+
+class TsvParams(TaskArithmeticParams):
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        default=None, description="singular vectors kept per task / min(d) (None: 1/K)"
+    )
+
+
+class IsoCtsParams(TaskArithmeticParams):
+    common_fraction: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="share of the rank for the common subspace"
+    )
+
+
+class KnotsParams(TaskArithmeticParams):
+    density: Density
+    majority_sign: Literal["total", "frequency"] = "total"
+
+
+class CoreSpaceParams(TaskArithmeticParams):
+    inner: Literal["task_arithmetic", "ties", "dare_ties", "tsv_m", "iso_c"] = Field(
+        default="ties", description="merge run on the cores"
+    )
+    density: Density | None = Field(default=None, description="for inner ties / dare_ties")
+    majority_sign: Literal["total", "frequency"] = "total"
+    seed: int = Field(default=0, description="seeds DARE drops per module")
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method.
 
     ``fn`` merges one module: factor space ``fn(parts: list[LoraFactors], weights, **params)
     -> LoraFactors``; dense space ``fn(deltas, weights, **params) -> Tensor``, where
+    ``space="svd"`` methods take and return factors like factor-space ones, working on
+    singular vectors computed from the factors (no dense matrix).
     ``deltas`` is one (K, d_out, d_in) tensor (indexing or iterating it gives the experts'
     deltas, as a list would; not to be modified nor kept: the driver reuses its memory for
     the next module) and ``params`` are the fields of
@@ -106,7 +164,7 @@ class MergeMethod:
     """
 
     name: str
-    space: Literal["factors", "dense"]
+    space: Literal["factors", "svd", "dense"]
     fn: Callable[..., Any]
     summary: str
     url: str
@@ -254,3 +312,47 @@ register(
         params=SparseParams,
     )
 )
+
+# ---------------------------------------------- methods since 2024 (issue 11), one per paper
+_DELLA_URL = "https://arxiv.org/abs/2406.11617"
+_CRUMBS_URL = "https://arxiv.org/abs/2312.06795"
+_TSV_URL = "https://arxiv.org/abs/2412.00081"
+_ISO_URL = "https://arxiv.org/abs/2502.04959"
+_NEW: list[tuple[str, str, Callable[..., Any], type[MergeParams], str, str]] = [
+    # (name, space, fn, params, summary, url); every one defaults to weights 1 each
+    ("della", "dense", pruning_methods.della, DellaParams,
+     "DELLA: drop by magnitude rank (p in density+-eps), rescale 1/p, elect, disjoint mean",
+     _DELLA_URL),
+    ("della_linear", "dense", partial(pruning_methods.della, sign_consensus=False),
+     DellaParams, "DELLA's MagPrune drop and rescale, then weighted sum", _DELLA_URL),
+    ("breadcrumbs", "dense", pruning_methods.breadcrumbs, BreadcrumbsParams,
+     "Breadcrumbs: drop the top gamma and the smallest magnitudes to density, then sum",
+     _CRUMBS_URL),
+    ("breadcrumbs_ties", "dense", partial(pruning_methods.breadcrumbs, sign_consensus=True),
+     BreadcrumbsParams, "Breadcrumbs masks, then elected signs, sum of agreeing experts",
+     _CRUMBS_URL),
+    ("pcb", "dense", interference_methods.pcb, PcbParams,
+     "PCB: intra x inter-task balance scores, keep top density, score-weighted mean",
+     "https://arxiv.org/abs/2410.02396"),
+    ("tsv_m", "svd", svd_methods.tsv_m, TsvParams,
+     "TSV-M: each task's top singular vectors, orthogonalised (polar), own singular values",
+     _TSV_URL),
+    ("tsv_c", "svd", svd_methods.tsv_c, TsvParams,
+     "TSV-C: sum of each task's top-k SVD truncation (k = fraction * min(d))", _TSV_URL),
+    ("iso_c", "svd", svd_methods.iso_c, TaskArithmeticParams,
+     "Iso-C: SVD of the task sum with every singular value set to their mean", _ISO_URL),
+    ("iso_cts", "svd", svd_methods.iso_cts, IsoCtsParams,
+     "Iso-CTS: common subspace + per-task residual directions, orthogonalised, flat spectrum",
+     _ISO_URL),
+    ("knots", "svd", subspace_methods.knots, KnotsParams,
+     "KnOTS: SVD of the side-by-side deltas, TIES on each task's S V_i^T in the shared U",
+     "https://arxiv.org/abs/2410.19735"),
+    ("core_space", "factors", subspace_methods.core_space, CoreSpaceParams,
+     "Core Space: merge the cores U_B^T delta_i V_A (inner method), exact for mixed ranks",
+     "https://arxiv.org/abs/2509.17786"),
+    ("wudi", "factors", interference_methods.wudi, TaskArithmeticParams,
+     "WUDI: least-squares minimiser of sum_i ||(t_m - t_i) t_i^T||^2 / ||t_i||^2 (closed form)",
+     "https://arxiv.org/abs/2503.08099"),
+]  # fmt: skip
+for _name, _space, _fn, _params, _summary, _url in _NEW:
+    register(MergeMethod(_name, _space, _fn, _summary, _url, _params, default_weights="ones"))
