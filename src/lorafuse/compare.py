@@ -285,6 +285,7 @@ def run_compare(
         "timings": timings,
         "config": {
             "base_model": ws.base.name,
+            "forward": ws.forward.describe(),
             "split": "test",
             "library_config": ws.manifest.config,
         },
