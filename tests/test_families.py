@@ -295,3 +295,53 @@ def test_gradient_features_follow_the_softcap(target: str) -> None:
     fast = per_example_lora_grads(peft_model, states, EXAMPLES, 1, 0, target=target)
     slow = per_example_lora_grads_loop(peft_model, states, EXAMPLES, 1, 0, target=target)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_fusion_on_the_full_path_equals_peft(tmp_path: Path) -> None:
+    """A probability ensemble and a layer router on a model that runs its own forward."""
+    from lorafuse.core.mixture import BatchMixer, ConstantMixer
+    from lorafuse.fusion.base import Ensemble, Fusion, installed
+    from lorafuse.fusion.routers import LayerRouter
+    from lorafuse.library import LoraAdapter
+
+    model = build("granite")
+    experts = []
+    for k in range(2):
+        torch.manual_seed(20 + k)
+        lora = LoraConfig(r=2 + k, lora_alpha=4, target_modules=ATTN, init_lora_weights=False)
+        peft_model = get_peft_model(model, lora)
+        peft_model.save_pretrained(tmp_path / f"e{k}")
+        peft_model.unload()
+        experts.append(LoraAdapter.open(tmp_path / f"e{k}"))
+    model.requires_grad_(False)
+    batch = collate(EXAMPLES, 0)
+    states = lower_states(model, batch.input_ids, 0)
+    assert plan_of(model).path == FULL
+
+    def own_log_probs(adapter: LoraAdapter) -> torch.Tensor:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(adapter.path))
+        try:
+            return F.log_softmax(torch.cat(own_target_logits(peft_model, EXAMPLES)), -1)
+        finally:
+            peft_model.unload()
+
+    each = torch.stack([own_log_probs(e) for e in experts])
+    w = torch.tensor([0.3, 0.7])
+    fusion = Fusion("e", "ensembling", experts, BatchMixer(), ensemble=Ensemble(w, "prob"))
+    with installed(model, fusion, 0) as log_probs, torch.no_grad():
+        got = log_probs(states, batch)
+    want = torch.log(torch.einsum("k,knv->nv", w, each.exp()))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    router = LayerRouter([0, 1, 2], 32, 2)  # zero-initialised: the uniform merge
+    routed = Fusion("r", "routing", experts, router, hooks=router.hooked)
+    uniform = Fusion("u", "merging", experts, ConstantMixer(torch.ones(2) / 2))
+    with installed(model, routed, 0) as log_probs, torch.no_grad():
+        got = log_probs(states, batch)
+    with installed(model, uniform, 0) as log_probs, torch.no_grad():
+        want = log_probs(states, batch)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    plain = F.log_softmax(torch.cat(own_target_logits(model, EXAMPLES)), -1)
+    assert (got - plain).abs().max() > 1e-2  # the routed experts did run
