@@ -104,6 +104,22 @@ FAMILIES = {
         "layers",
         FULL,
     ),
+    "opt": (  # layers under model.decoder, learned positions with an offset
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        ),
+        ["q_proj", "v_proj", "fc1"],
+        "layers",
+        FULL,
+    ),
     "gemma3": (  # one rotary embedding per layer type: the split forward cannot call it
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
@@ -345,3 +361,13 @@ def test_fusion_on_the_full_path_equals_peft(tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     plain = F.log_softmax(torch.cat(own_target_logits(model, EXAMPLES)), -1)
     assert (got - plain).abs().max() > 1e-2  # the routed experts did run
+
+
+def test_adapted_layers_are_found_in_every_family_naming() -> None:
+    """The split is chosen below the lowest adapted layer, so GPT-2's ``h.N`` must count."""
+    from lorafuse.core.mixture import layer_index
+
+    assert layer_index("transformer.h.3.attn.c_attn") == 3
+    assert layer_index("gpt_neox.layers.2.attention.query_key_value") == 2
+    assert layer_index("model.decoder.layers.1.fc1") == 1
+    assert layer_index("lm_head") == -1

@@ -47,7 +47,14 @@ __all__ = [
 
 
 def num_layers(model: nn.Module) -> int:
-    return len(find_layers(model))
+    """Decoder layers (from the config where the layer list is not found by name)."""
+    try:
+        return len(find_layers(model))
+    except LorafuseError:
+        count = getattr(getattr(causal_lm(model), "config", None), "num_hidden_layers", None)
+        if isinstance(count, int):
+            return count
+        raise
 
 
 def _split_plan(model: nn.Module, length: int) -> ForwardPlan:
