@@ -371,3 +371,10 @@ def test_adapted_layers_are_found_in_every_family_naming() -> None:
     assert layer_index("gpt_neox.layers.2.attention.query_key_value") == 2
     assert layer_index("model.decoder.layers.1.fc1") == 1
     assert layer_index("lm_head") == -1
+
+
+def test_check_runs_in_eval_mode_and_restores_training() -> None:
+    model = build("gpt2")  # dropout 0.1 everywhere
+    model.train()
+    assert check_forward(model).path == SPLIT
+    assert model.training

@@ -119,10 +119,19 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-@torch.no_grad()
 def check_forward(model: nn.Module) -> ForwardPlan:
     """Compare the split forward (and the own-forward fallback) with the model's forward."""
     lm = dec.causal_lm(model)
+    training = lm.training
+    lm.eval()  # dropout would make any two forwards differ
+    try:
+        return _check(lm)
+    finally:
+        lm.train(training)
+
+
+@torch.no_grad()
+def _check(lm: nn.Module) -> ForwardPlan:
     label = model_label(lm)
     config = getattr(lm, "config", None)
     try:
