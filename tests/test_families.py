@@ -378,3 +378,53 @@ def test_check_runs_in_eval_mode_and_restores_training() -> None:
     model.train()
     assert check_forward(model).path == SPLIT
     assert model.training
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for ``encode_examples``: one id per character, no template."""
+
+    pad_token_id, eos_token_id, unk_token_id, chat_template = 0, 1, 2, None
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.unk_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[3 + ord(c) % (VOCAB - 3) for c in text])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_results_record_the_forward_path(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import lorafuse.eval.run as run_mod
+
+    tasks = tmp_path / "t.jsonl"
+    rows = [{"task": "t", "prompt": f"q{i}", "answer": "ab", "split": "test"} for i in range(3)]
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = build(family)
+    base = BaseModel(model=model, tokenizer=CharTokenizer(), name=family)
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(run_mod, "load_base_model", lambda *a, **k: base)
+    results = run_mod.evaluate_command(
+        base_model=family,
+        adapter=None,
+        library=None,
+        tasks=str(tasks),
+        split="test",
+        seed=0,
+        out=tmp_path / "r.json",
+    )
+    forward = results["config"]["forward"]
+    if family == "gemma2":
+        assert forward == "split"
+    else:
+        assert forward.startswith("full (split forward differs"), forward
+    tok = CharTokenizer()
+    encoded = []
+    for r in rows:
+        prompt = tok(f"{r['prompt']}\n").input_ids
+        encoded.append(Encoded(tuple(prompt + tok(r["answer"]).input_ids + [1]), len(prompt)))
+    want = own_losses(own_target_logits(model, encoded), encoded).mean()
+    assert results["methods"]["base"]["mean_loss"] == pytest.approx(float(want), abs=1e-5)
