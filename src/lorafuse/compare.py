@@ -325,6 +325,7 @@ def run_compare(
         "timings": timings,
         "config": {
             "base_model": ws.base.name,
+            "forward": ws.forward.describe(),
             "split": "test",
             "library_config": ws.manifest.config,
         },

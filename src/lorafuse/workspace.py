@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafuse.core.encode import Encoded, encode_examples
+from lorafuse.core.forward import ForwardPlan
 from lorafuse.core.states import StateCache
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.run import choose_split
@@ -30,6 +31,11 @@ class Workspace:
     cache: StateCache
     _encoded: dict[str, list[Encoded]] = field(default_factory=dict)
     memo: dict[tuple, object] = field(default_factory=dict)  # artefacts methods share
+
+    @property
+    def forward(self) -> ForwardPlan:
+        """How the base model runs: the checked split forward, or its own full forward."""
+        return self.cache.forward
 
     @property
     def private(self) -> dict[str, LoraAdapter]:

@@ -5,86 +5,108 @@ entering layer ``split`` are the same for every expert and every method; they ar
 computed once per example and reused. The top is then run on those states, and logits
 are computed only at the positions that predict answer tokens (a full-vocabulary
 projection at every position costs more than the rest of a scoring pass).
+
+Every model is checked first (:mod:`lorafuse.core.probe`). A model the split forward
+does not reproduce runs its own full forward instead: its "states" are then the input
+embeddings, ``split`` is ignored, and every layer runs on every call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from lorafuse.core.decoder import (
+    DecoderParts,
+    causal_lm,
+    decoder_parts,
+    find_layers,
+    head_logits,
+    input_embeddings,
+    own_final_hidden,
+    own_logits,
+    split_embed,
+    split_layers,
+)
 from lorafuse.core.encode import Batch
+from lorafuse.core.probe import FULL, ForwardPlan, model_label, plan_of
 from lorafuse.errors import LorafuseError
 
-
-@dataclass
-class DecoderParts:
-    """The pieces of a Llama-style causal LM that the split forward calls directly."""
-
-    embed: nn.Module
-    layers: nn.ModuleList
-    norm: nn.Module
-    lm_head: nn.Module
-    rotary: nn.Module
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The underlying ``*ForCausalLM`` of a PeftModel (LoRA layers stay injected)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_parts(model: nn.Module) -> DecoderParts:
-    lm = causal_lm(model)
-    inner = getattr(lm, "model", None)
-    try:
-        return DecoderParts(
-            inner.embed_tokens, inner.layers, inner.norm, lm.lm_head, inner.rotary_emb
-        )
-    except AttributeError:
-        raise LorafuseError(
-            f"{type(lm).__name__}: lorafuse needs a Llama-style decoder "
-            "(model.embed_tokens, model.layers, model.norm, model.rotary_emb, lm_head)"
-        ) from None
+__all__ = [
+    "DecoderParts",
+    "ForwardPlan",
+    "causal_lm",
+    "decoder_parts",
+    "final_hidden",
+    "lower_states",
+    "num_layers",
+    "plan_of",
+    "run_layers",
+    "target_logits",
+]
 
 
 def num_layers(model: nn.Module) -> int:
-    return len(decoder_parts(model).layers)
+    """Decoder layers (from the config where the layer list is not found by name)."""
+    try:
+        return len(find_layers(model))
+    except LorafuseError:
+        count = getattr(getattr(causal_lm(model), "config", None), "num_hidden_layers", None)
+        if isinstance(count, int):
+            return count
+        raise
 
 
-def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive (1, 1, T, T) mask; explicit so eager and sdpa attention agree."""
-    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return torch.triu(mask, diagonal=1)[None, None]
+def _split_plan(model: nn.Module, length: int) -> ForwardPlan:
+    """The plan, refusing what the split forward cannot do or was not checked for."""
+    plan = plan_of(model)
+    if plan.path == FULL:
+        raise LorafuseError(
+            "per-layer hidden states are not available: the model runs its own full forward "
+            f"({plan.reason})",
+            model_label(causal_lm(model)),
+        )
+    if plan.max_len is not None and length > plan.max_len:
+        raise LorafuseError(
+            f"a {length}-token sequence is longer than the sliding window ({plan.max_len}) "
+            "that the split forward was checked within",
+            model_label(causal_lm(model)),
+        )
+    return plan
 
 
 def run_layers(
     model: nn.Module, hidden: torch.Tensor, start: int, end: int | None = None
 ) -> torch.Tensor:
     """Run decoder layers ``start:end`` on hidden states (B, T, H) of right-padded rows."""
-    parts = decoder_parts(model)
-    length = hidden.shape[1]
-    position_ids = torch.arange(length, device=hidden.device)[None]
-    rotary = parts.rotary(hidden, position_ids)
-    mask = causal_mask(length, hidden.dtype, hidden.device)
-    for layer in parts.layers[start:end]:
-        hidden = layer(
-            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary
-        )
-        if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
-            hidden = hidden[0]
-    return hidden
+    _split_plan(model, hidden.shape[1])
+    return split_layers(decoder_parts(model), hidden, start, end)
 
 
 def lower_states(model: nn.Module, input_ids: torch.Tensor, split: int) -> torch.Tensor:
-    """Hidden states entering layer ``split`` (the embeddings when ``split`` is 0)."""
-    hidden = decoder_parts(model).embed(input_ids)
-    return run_layers(model, hidden, 0, split) if split > 0 else hidden
+    """Hidden states entering layer ``split`` (the input embeddings on the full path)."""
+    if plan_of(model).path == FULL:
+        return input_embeddings(model, input_ids)
+    _split_plan(model, input_ids.shape[1])
+    parts = decoder_parts(model)
+    return split_layers(parts, split_embed(parts, input_ids), 0, split)
+
+
+def final_hidden(
+    model: nn.Module, states: torch.Tensor, split: int, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final-normed last hidden states (B, T, H) from states at ``split``."""
+    if plan_of(model).path == FULL:
+        return own_final_hidden(model, states, lengths)
+    return decoder_parts(model).norm(run_layers(model, states, split))
 
 
 def target_logits(model: nn.Module, states: torch.Tensor, batch: Batch, split: int) -> torch.Tensor:
     """Logits (N, V) at the positions predicting each target, from states at ``split``."""
+    if plan_of(model).path == FULL:
+        logits = own_logits(model, states, batch.lengths)
+        return logits[batch.rows.to(logits.device), batch.positions.to(logits.device)]
     parts = decoder_parts(model)
     hidden = run_layers(model, states, split)
     picked = hidden[batch.rows.to(hidden.device), batch.positions.to(hidden.device)]
-    return parts.lm_head(parts.norm(picked))
+    return head_logits(parts, parts.norm(picked))

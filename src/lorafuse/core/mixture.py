@@ -141,8 +141,9 @@ def _broadcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_index(module: str) -> int:
-    """Decoder layer number in a module name such as ``model.layers.24.mlp.up_proj``."""
-    m = re.search(r"\.layers\.(\d+)\.", module)
+    """Decoder layer number in a module name such as ``model.layers.24.mlp.up_proj``
+    (GPT-2's ``transformer.h.3.attn.c_attn``: ``h``); -1 outside the decoder layers."""
+    m = re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", module)
     return int(m.group(1)) if m else -1
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lorafuse.core.encode import Encoded, collate
-from lorafuse.core.forward import lower_states
+from lorafuse.core.forward import ForwardPlan, lower_states, plan_of
 from lorafuse.io import atomic_path
 from lorafuse.models import BaseModel, cache_root
 
@@ -44,7 +44,11 @@ class StateCache:
     ) -> None:
         self.base = base
         self.split = split
-        # persist=False keeps states in memory only (tests, throwaway models)
+        # checked now, at load: split forward, or the model's own (states = input embeddings)
+        self.forward: ForwardPlan = plan_of(base.model)
+        # persist=False keeps states in memory only (tests, throwaway models); input
+        # embeddings (the full path) are cheaper to recompute than to read back
+        persist = persist and self.forward.path != "full"
         self.directory = (directory or cache_root() / "states") if persist else None
         self.max_tokens = max_tokens
         self.progress = progress

@@ -168,13 +168,21 @@ def _final_hidden(model: nn.Module, states: torch.Tensor, batch: Batch, split: i
 
 
 @torch.no_grad()
-def _nll_grad(normed: torch.Tensor, batch: Batch, head: nn.Module, n: int, chunk: int = 64):
+def _nll_grad(
+    normed: torch.Tensor,
+    batch: Batch,
+    head: nn.Module,
+    n: int,
+    chunk: int = 64,
+    softcap: float | None = None,
+):
     """d(sum_i mean-NLL_i) / d(normed), (N, H), computed ``chunk`` positions at a time.
 
     ``softmax(z) - onehot`` times ``1/count_i`` times the head weight: the same products as
     autograd through ``cross_entropy``, without (N, V) logits and their gradient in memory
     (for a prompt target N is every prompt token; at V=49k those buffers cost more in memory
-    traffic than the products themselves).
+    traffic than the products themselves). With final logit softcapping
+    ``z = c tanh(u / c)`` the chain rule adds the factor ``1 - tanh(u / c)^2``.
     """
     rows = batch.rows.to(normed.device)
     targets = batch.targets.to(normed.device)
@@ -182,9 +190,12 @@ def _nll_grad(normed: torch.Tensor, batch: Batch, head: nn.Module, n: int, chunk
     out = torch.empty_like(normed)
     for s in range(0, normed.shape[0], chunk):
         z = head(normed[s : s + chunk])
-        z = z.softmax(dim=-1)
+        squash = None if softcap is None else torch.tanh(z / softcap)
+        z = z.softmax(dim=-1) if squash is None else (squash * softcap).softmax(dim=-1)
         z[torch.arange(z.shape[0], device=z.device), targets[s : s + chunk]] -= 1
         z.mul_((1 / counts[rows[s : s + chunk]])[:, None])
+        if squash is not None:
+            z.mul_(1 - squash.square())
         out[s : s + chunk] = z @ head.weight
     return out
 
@@ -232,13 +243,14 @@ def per_example_lora_grads(
             if any(s is None for s in seen):
                 missing = [lin.name for lin, s in zip(linears, seen, strict=True) if s is None]
                 raise LorafuseError(f"LoRA layers not run (below split {split}?): {missing[:3]}")
-            head = decoder_parts(model).lm_head
+            parts = decoder_parts(model)
+            head = parts.lm_head
             if getattr(head, "bias", None) is not None:
                 raise LorafuseError("an lm_head with a bias is not supported")
             grads = torch.autograd.grad(
                 normed,
                 [s[1] for s in seen],
-                grad_outputs=_nll_grad(normed.detach(), batch, head, n),
+                grad_outputs=_nll_grad(normed.detach(), batch, head, n, softcap=parts.softcap),
                 allow_unused=True,
             )
     finally:

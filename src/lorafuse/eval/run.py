@@ -184,6 +184,7 @@ def evaluate_command(
         "methods": summaries,
         "config": {
             "base_model": base.name,
+            "forward": cache.forward.describe(),
             "adapter": str(adapter) if adapter else None,
             "library": str(library) if library else None,
             "tasks": tasks,

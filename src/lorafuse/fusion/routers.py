@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafuse.core.forward import decoder_parts
+from lorafuse.core.decoder import find_layers
 from lorafuse.core.mixture import MixtureLinear
 from lorafuse.library import LoraFactors
 from lorafuse.merging.svd import factor_svd
@@ -105,7 +105,7 @@ class LayerRouter(nn.Module):
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[None]:
         """Forward pre-hooks on the routed decoder layers compute that layer's weights."""
-        layers = decoder_parts(model).layers
+        layers = find_layers(model)
         handles = []
         for name in self.proj:
             layer = int(name)

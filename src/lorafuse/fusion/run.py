@@ -135,6 +135,7 @@ def fusion_command(
         "methods": summaries,
         "config": {
             "base_model": ws.base.name,
+            "forward": ws.forward.describe(),
             "library": str(ws.library),
             "tasks": tasks,
             "split": split,

@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from lorafuse.core.encode import Batch, Encoded, collate
-from lorafuse.core.forward import decoder_parts, run_layers
+from lorafuse.core.forward import causal_lm, final_hidden
 from lorafuse.core.mixture import BatchMixer, FactorSet, FactorSource
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.eval.harness import length_batches
@@ -88,7 +88,7 @@ def shared_features(
     The shared delta is folded into the weights; every exclusive source gets weight 0.
     """
     mixer.current = torch.zeros(n_sources, device=states.device)
-    hidden = decoder_parts(model).norm(run_layers(model, states, split))
+    hidden = final_hidden(model, states, split, batch.lengths)
     return prompt_mean(hidden, batch)
 
 
@@ -102,7 +102,7 @@ def feature_table(
     """Prompt features of every example (batched by length)."""
     states = cache.get(encoded, desc="twin: states")
     pad = cache.base.tokenizer.pad_token_id
-    out = torch.zeros(len(encoded), decoder_parts(model).norm.weight.shape[0])
+    out = torch.zeros(len(encoded), causal_lm(model).config.hidden_size)
     for idx in length_batches(encoded, 4096):
         batch = collate([encoded[i] for i in idx], pad)
         out[idx] = shared_features(
