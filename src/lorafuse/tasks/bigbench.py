@@ -179,6 +179,8 @@ def smollm2_token_counter():
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
 
     def count(prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[int], list[int]]:
+        if not prompts:
+            return [], []
         texts = [prompt_text(tok, p) for p in prompts]
         p = tok(texts, add_special_tokens=False).input_ids
         a = tok(list(answers), add_special_tokens=False).input_ids
