@@ -176,7 +176,7 @@ def test_projection_is_seeded_and_blockwise() -> None:
     a = project(x, 256, seed=7)
     assert torch.equal(a, project(x, 256, seed=7))
     # rows do not interact (equal up to BLAS blocking, which depends on the row count)
-    torch.testing.assert_close(a[2:4], project(x[2:4], 256, seed=7), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[2:4], project(x[2:4], 256, seed=7), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a, project(x, 256, seed=8))
     assert not torch.allclose(a, project(x, 256, seed=7, kind="gaussian"))
     block = projection_block(7, 1, 10, 256)
