@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: F401
+from test_analysis import same_rank_copy
 
 from lorafuse.analysis.scale import plot_scale, scale_study, split_experts, study_sizes
 from lorafuse.analysis.selection import mean_loss
 from lorafuse.core.encode import Encoded
-from lorafuse.core.mixture import FactorSet
 from lorafuse.core.states import StateCache
 from lorafuse.errors import LorafuseError
-from lorafuse.library import LoraFactors
-
-
-def random_expert(name: str, template, seed: int) -> FactorSet:
-    gen = torch.Generator().manual_seed(seed)
-    return FactorSet(
-        name,
-        {
-            m: LoraFactors(
-                A=torch.randn(f.A.shape, generator=gen) * 0.5,
-                B=torch.randn(f.B.shape, generator=gen) * 0.5,
-                scaling=f.scaling,
-            )
-            for m in template.module_names
-            for f in [template.factors(m)]
-        },
-    )
 
 
 def test_sizes_and_split_are_nested_and_seeded() -> None:
@@ -44,7 +27,7 @@ def test_sizes_and_split_are_nested_and_seeded() -> None:
 def test_scale_study_uniform_curve_equals_the_mean_of_the_first_n(tiny_base, tiny_experts):
     rng = np.random.default_rng(0)
     names = [f"t{i}" for i in range(5)]
-    experts = {n: random_expert(n, tiny_experts[0], 20 + i) for i, n in enumerate(names)}
+    experts = {n: same_rank_copy(tiny_experts[0], 20 + i) for i, n in enumerate(names)}
     test, tasks = [], []
     for t in names:  # 2 examples per task: per-task mean of means == mean over examples
         for _ in range(2):
