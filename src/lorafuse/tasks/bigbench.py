@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,18 +57,47 @@ def family_of(name: str) -> str:
     return name.split(".")[0]
 
 
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+INDEX = "https://pypi.org/simple"
+
+
 def download_sdist(cache: Path) -> Path:
-    """The sdist in ``cache`` (downloaded once with pip, no dependencies, never built)."""
+    """The sdist in ``cache``: fetched once from the package index, hash-checked, never built.
+
+    The file's address comes from the index's JSON API (PEP 691; ``$PIP_INDEX_URL`` if set).
+    ``pip download --no-deps`` would do the same, but recent pips prepare the sdist's
+    metadata first, and bigbench's declares a direct-URL dependency that pip refuses.
+    """
+    import hashlib
+    import os
+    import urllib.request
+
     archive = cache / ARCHIVE_NAME
     if archive.is_file():
         return archive
     cache.mkdir(parents=True, exist_ok=True)
     print(f"lorafuse: downloading {SDIST} source distribution (~360 MB) once into {cache} ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), SDIST]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not archive.is_file():
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise LorafuseError(f"pip download {SDIST} failed: {last[0]}", cache)
+    index = os.environ.get("PIP_INDEX_URL", INDEX).rstrip("/")
+    partial = archive.with_suffix(f".part{os.getpid()}")
+    try:
+        request = urllib.request.Request(
+            f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            files = json.load(answer)["files"]
+        url = next(f["url"] for f in files if f["filename"] == ARCHIVE_NAME)
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=180) as answer, open(partial, "wb") as out:
+            while chunk := answer.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != SDIST_SHA256:
+            raise OSError(f"sha256 {digest.hexdigest()} is not the pinned {SDIST_SHA256}")
+        os.replace(partial, archive)
+    except (OSError, ValueError, KeyError, StopIteration) as err:
+        raise LorafuseError(f"cannot download {SDIST} from {index} ({err})", cache) from None
+    finally:
+        partial.unlink(missing_ok=True)
     return archive
 
 
@@ -258,15 +285,25 @@ def read_suite(name: str) -> dict:
     return json.loads(file.read_text())
 
 
+def converted_folder(limits: Limits) -> Path:
+    from lorafuse.models import cache_root
+
+    tag = f"v{CONVERTER_VERSION}-p{limits.max_prompt_tokens}-a{limits.max_answer_tokens}"
+    return cache_root() / "bigbench" / f"converted-{tag}-n{limits.max_examples}"
+
+
+def cache_examples(name: str, examples: Sequence[Example], limits: Limits) -> None:
+    from lorafuse.io import atomic_write_text
+
+    rows = "".join(json.dumps(ex.__dict__) + "\n" for ex in examples)
+    atomic_write_text(converted_folder(limits) / f"{name}.jsonl", rows)
+
+
 def converted_examples(
     names: Sequence[str], limits: Limits, source: Path | None = None, count_tokens=None
 ) -> dict[str, list[Example]]:
     """Usable examples per task, converted once and cached as JSONL in the lorafuse cache."""
-    from lorafuse.io import atomic_write_text
-    from lorafuse.models import cache_root
-
-    tag = f"v{CONVERTER_VERSION}-p{limits.max_prompt_tokens}-a{limits.max_answer_tokens}"
-    folder = cache_root() / "bigbench" / f"converted-{tag}-n{limits.max_examples}"
+    folder = converted_folder(limits)
     out: dict[str, list[Example]] = {}
     for name in names:
         file = folder / f"{name}.jsonl"
@@ -279,8 +316,7 @@ def converted_examples(
         source = source or bigbench_source()
         for name, data in iter_task_files(source, set(missing)):
             out[name] = convert_task(name, data, count_tokens, limits)
-            rows = "".join(json.dumps(ex.__dict__) + "\n" for ex in out[name])
-            atomic_write_text(folder / f"{name}.jsonl", rows)
+            cache_examples(name, out[name], limits)
         absent = [n for n in missing if n not in out]
         if absent:
             raise LorafuseError(f"no such BIG-bench JSON task(s): {', '.join(absent)}", source)
