@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from lorafuse.analysis.connectivity import connectivity, interpolate_factors
-from lorafuse.analysis.selection import cluster_selection, fuse, greedy_forward, mean_loss
+from lorafuse.analysis.selection import (
+    cluster_counts,
+    cluster_selection,
+    fuse,
+    greedy_forward,
+    mean_loss,
+)
 from lorafuse.core.encode import Encoded
 from lorafuse.core.mixture import FactorSet
 from lorafuse.core.states import StateCache
@@ -83,3 +89,17 @@ def test_cluster_selection_covers_every_count(setup, tiny_experts) -> None:
     assert result[3][1] == pytest.approx(mean_loss(model, tiny_experts, "average", encoded, cache))
     with pytest.raises(LorafuseError, match="unknown selection fusion"):
         fuse(tiny_experts, "vote")
+
+
+def test_cluster_counts_budget_is_every_count_small_then_powers_of_two() -> None:
+    assert cluster_counts(3) == [1, 2, 3]
+    assert cluster_counts(16) == list(range(1, 17))
+    assert cluster_counts(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert cluster_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_cluster_selection_evaluates_only_the_counts_asked(setup, tiny_experts) -> None:
+    model, encoded, cache = setup
+    result = cluster_selection(model, tiny_experts, encoded, cache, counts=[1, 3])
+    assert sorted(result) == [1, 3]
+    assert result[1][0] == [[0, 1, 2]]

@@ -377,6 +377,9 @@ def select_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("analysis"),
     how: Annotated[str, typer.Option(help="Fusion judged: 'average' or 'arrow'.")] = "average",
     per_task: Annotated[int, typer.Option(help="Validation items per task.")] = 20,
+    max_kept: Annotated[
+        int | None, typer.Option(help="Budget: stop greedy forward after N experts.")
+    ] = None,
     mbc: Annotated[
         int, typer.Option(help="Also retrain one expert per N task groups (MBC); 0 = off.")
     ] = 0,
@@ -392,7 +395,7 @@ def select_cmd(
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
     if mbc:
         ws.require_tasks("MBC (one expert per task group)")
-    result = select_command(ws, out, how=how, per_task=per_task, seed=seed)
+    result = select_command(ws, out, how=how, per_task=per_task, seed=seed, max_kept=max_kept)
     typer.echo(f"greedy: {result['greedy']}")
     for c, entry in result["clusters"].items():
         typer.echo(f"{c} clusters: loss {entry['loss']:.4f}  {entry['clusters']}")

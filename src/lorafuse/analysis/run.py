@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse.analysis.connectivity import connectivity, plot_connectivity
-from lorafuse.analysis.selection import cluster_selection, greedy_forward, plot_selection
+from lorafuse.analysis.selection import (
+    cluster_counts,
+    cluster_selection,
+    greedy_forward,
+    plot_selection,
+)
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.run import versions
 from lorafuse.fusion.base import evaluate
@@ -79,16 +84,28 @@ def connectivity_command(
 
 
 def select_command(
-    ws: Workspace, out: Path, *, how: str = "average", per_task: int | None = 20, seed: int = 0
+    ws: Workspace,
+    out: Path,
+    *,
+    how: str = "average",
+    per_task: int | None = 20,
+    seed: int = 0,
+    max_kept: int | None = None,
 ) -> dict:
-    """Greedy forward and cluster selection of the private experts, judged on validation."""
+    """Greedy forward and cluster selection of the private experts, judged on validation.
+
+    Budget (greedy costs about K evaluations per expert kept): ``max_kept`` stops greedy
+    forward after that many experts; cluster counts follow ``cluster_counts(K)``."""
     idx = ws.per_task("val", per_task)
     encoded = [ws.encoded("val")[i] for i in idx]
     names = list(ws.private)
     experts = list(ws.private.values())
     t0 = time.perf_counter()
-    greedy = greedy_forward(ws.base.model, experts, encoded, ws.cache, how=how)
-    clusters = cluster_selection(ws.base.model, experts, encoded, ws.cache, how=how)
+    greedy = greedy_forward(ws.base.model, experts, encoded, ws.cache, how=how, k=max_kept)
+    counts = cluster_counts(len(experts))
+    clusters = cluster_selection(
+        ws.base.model, experts, encoded, ws.cache, how=how, counts=counts
+    )
     curves = {
         f"greedy forward ({how})": {i + 1: loss for i, loss in enumerate(greedy.losses)},
         f"hierarchical clusters ({how})": {c: loss for c, (_, loss) in clusters.items()},
@@ -97,6 +114,7 @@ def select_command(
     result = {
         "how": how,
         "n_val": len(idx),
+        "budget": {"max_kept": max_kept, "cluster_counts": counts},
         "greedy": {"kept": [names[i] for i in greedy.kept], "losses": greedy.losses},
         "clusters": {
             str(c): {"clusters": [[names[i] for i in g] for g in groups], "loss": loss}

@@ -91,14 +91,23 @@ def cluster_selection(
     cache: StateCache,
     *,
     how: str = "average",
+    counts: Sequence[int] | None = None,
 ) -> dict[int, tuple[list[list[int]], float]]:
-    """``{c: (clusters, validation loss)}`` for c = 1..K merged clusters."""
+    """``{c: (clusters, validation loss)}`` for c in ``counts`` (default 1..K) merged clusters."""
     out = {}
-    for c in range(1, len(experts) + 1):
+    for c in counts or range(1, len(experts) + 1):
         clusters = cluster_experts(experts, c)
         loss = mean_loss(model, merged_clusters(experts, clusters), how, encoded, cache)
         out[c] = ([list(map(int, g)) for g in clusters], loss)
     return out
+
+
+def cluster_counts(k: int, dense_up_to: int = 16) -> list[int]:
+    """The budget of ``select`` at large K: every count up to ``dense_up_to`` experts, beyond
+    that the powers of two and K (each count is one evaluation of the fused clusters)."""
+    if k <= dense_up_to:
+        return list(range(1, k + 1))
+    return sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
 
 
 def plot_selection(curves: dict[str, dict[int, float]], path: str | Path, title: str) -> Path:
