@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
@@ -67,6 +68,17 @@ RECENT_MERGES: dict[str, tuple[str, dict]] = {
 LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
 LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
 ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
+# Ensembles run every expert on every item: beyond DENSE_K experts they get a budget of
+# about ENSEMBLE_ITEMS expert-items per task (K = 48: 5 test and 4 validation items per task).
+DENSE_K = 16
+ENSEMBLE_ITEMS = 256
+
+
+def ensemble_caps(k: int) -> tuple[int | None, int]:
+    """(test items per task or None = all, validation items per task) for K experts."""
+    if k <= DENSE_K:
+        return None, ENSEMBLE_VAL_PER_TASK
+    return max(4, ENSEMBLE_ITEMS // k), max(4, ENSEMBLE_ITEMS // (2 * k))
 DISTILLED: dict[str, tuple[str, dict]] = {"ensemble_distilled": ("ensemble_distilled", {})}
 # Routing methods (fitted on the validation split where they learn): row -> (method, params).
 ROUTERS: dict[str, tuple[str, dict]] = {
@@ -162,8 +174,9 @@ def ensembles(ws: Workspace, table: Table) -> None:
     one batched pass of all experts."""
     experts = list(ws.private.values())
     k = len(experts)
+    test_cap, val_cap = ensemble_caps(k)
     t0 = time.perf_counter()
-    val = [ws.encoded("val")[i] for i in ws.per_task("val", ENSEMBLE_VAL_PER_TASK)]
+    val = [ws.encoded("val")[i] for i in ws.per_task("val", val_cap)]
     lp, rows = target_log_probs(ws.base.model, experts, val, ws.cache)
     learned = fit_mixture_weights(lp, rows)
     fit_s = time.perf_counter() - t0
@@ -173,14 +186,30 @@ def ensembles(ws: Workspace, table: Table) -> None:
         "ensemble_logit": (uniform, "logit"),
         "ensemble_learned": (learned, "prob"),
     }
+    test = ws.per_task("test", test_cap)
     t0 = time.perf_counter()
-    scored = score_ensembles(ws.base.model, experts, ws.encoded("test"), ws.cache, variants)
-    infer_ms = 1e3 * (time.perf_counter() - t0) / len(ws.encoded("test"))
+    encoded = [ws.encoded("test")[i] for i in test]
+    scored = score_ensembles(ws.base.model, experts, encoded, ws.cache, variants)
+    infer_ms = 1e3 * (time.perf_counter() - t0) / len(test)
     stored = _mb(source_bytes(experts))
+    if test_cap is not None:
+        n = len(ws.encoded("test"))
+        scored = {row: on_subset(s, test, n) for row, s in scored.items()}
+        table.notes.append(
+            f"ensembles at K = {k} > {DENSE_K}: scored on the first {test_cap} test items per "
+            f"task, weights fitted on {val_cap} validation items per task (budget)"
+        )
     for row, scores in scored.items():
         train = fit_s if row == "ensemble_learned" else 0.0
         table.add(row, "ensembling", scores, train_s=train, infer_ms=infer_ms, stored_mb=stored)
     table.info["ensemble_learned"] = {"weights": learned.tolist()}
+
+
+def on_subset(scores: ExampleScores, idx: list[int], n: int) -> ExampleScores:
+    """Scores of items ``idx`` placed among ``n`` items; the others are NaN (not scored)."""
+    loss, correct = np.full(n, np.nan), np.full(n, np.nan)
+    loss[idx], correct[idx] = scores.loss, scores.correct
+    return ExampleScores(loss, correct)
 
 
 def merges(

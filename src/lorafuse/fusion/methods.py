@@ -116,6 +116,9 @@ def ensemble(
     )
 
 
+DISTIL_ITEMS = 400  # teacher expert-items per task
+
+
 def ensemble_distilled(
     ws: Workspace,
     *,
@@ -125,13 +128,19 @@ def ensemble_distilled(
     mode: str = "prob",
     seed: int = 0,
 ) -> Fusion:
-    """The uniform ensemble distilled into one LoRA on training prompts (cached on disk)."""
+    """The uniform ensemble distilled into one LoRA on training prompts (cached on disk).
+
+    The teacher runs every expert on every prompt: ``per_task`` is capped at
+    ``DISTIL_ITEMS // K`` (at least 4) prompts per task, so K = 48 distils on 8 per task.
+    The student adapts the same top layers as the library (the state cache's split)."""
+    from lorafuse.core.forward import num_layers
     from lorafuse.fusion.distill import distill
     from lorafuse.library import LoraAdapter
     from lorafuse.models import cache_root
     from lorafuse.training.config import TrainConfig
 
     experts = list(ws.private.values())
+    per_task = min(per_task, max(4, DISTIL_ITEMS // len(experts)))
     key = hashlib.sha1(
         f"{ws.library.resolve()}|{ws.base.fingerprint}|{per_task}|{steps}|{lr}|{mode}|{seed}".encode()
     ).hexdigest()[:16]
@@ -139,7 +148,8 @@ def ensemble_distilled(
     started = time.perf_counter()
     if not (out / "adapter_model.safetensors").is_file():
         train = [ws.encoded("train")[i] for i in ws.per_task("train", per_task)]
-        config = TrainConfig(steps=steps, lr=lr, seed=seed)
+        top = num_layers(ws.base.model) - ws.cache.split
+        config = TrainConfig(steps=steps, lr=lr, seed=seed, top_layers=top)
         distill(ws.base, experts, train, ws.cache, out, config, mode=mode)
     student = LoraAdapter.open(out)
     return Fusion(
