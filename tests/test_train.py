@@ -18,7 +18,7 @@ from lorafuse.eval.harness import model_log_probs, score_examples
 from lorafuse.library import LoraAdapter
 from lorafuse.models import BaseModel
 from lorafuse.training.config import TrainConfig
-from lorafuse.training.train import batch_indices, split_layer, train_adapter
+from lorafuse.training.train import batch_indices, split_layer, top_layers_at, train_adapter
 
 VOCAB = 128
 PATTERN = (7, 42, 99)  # every example's answer
@@ -86,6 +86,9 @@ def test_split_layer() -> None:
 
     fake = Fake()
     assert [split_layer(fake, k) for k in (0, 1, 2, 5, 9)] == [0, 4, 3, 0, 0]
+    # top_layers_at inverts split_layer: what a cache at that split needs
+    for k in (0, 1, 2, 4):
+        assert split_layer(fake, top_layers_at(fake, split_layer(fake, k))) == split_layer(fake, k)
 
 
 def no_hub(*args: object, **kwargs: object) -> None:

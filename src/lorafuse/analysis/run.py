@@ -138,7 +138,7 @@ def mbc_command(
     from lorafuse.fusion.hc import cluster_experts
     from lorafuse.library import LoraAdapter
     from lorafuse.training.config import TrainConfig
-    from lorafuse.training.train import train_adapter
+    from lorafuse.training.train import top_layers_at, train_adapter
 
     ws.require_tasks("MBC (one expert per task group)")
     names = list(ws.private)
@@ -157,7 +157,8 @@ def mbc_command(
             train = [
                 ws.encoded("train")[i] for i, ex in enumerate(train_examples) if ex.task in tasks
             ]
-            config = TrainConfig(steps=steps, seed=seed + g)
+            top = top_layers_at(ws.base.model, ws.cache.split)
+            config = TrainConfig(steps=steps, seed=seed + g, top_layers=top)
             train_adapter(ws.base, train, ws.cache, config, path, desc=f"mbc group {g}")
         idx = [i for i, ex in enumerate(test_examples) if ex.task in tasks]
         scores = evaluate(

@@ -37,7 +37,7 @@ from lorafuse.fusion.base import Ensemble, Fusion
 from lorafuse.io import atomic_path, atomic_write_json, read_json
 from lorafuse.library import LoraAdapter
 from lorafuse.training.config import TrainConfig
-from lorafuse.training.train import train_adapter
+from lorafuse.training.train import top_layers_at, train_adapter
 from lorafuse.workspace import Workspace
 
 Clusterer = Literal["gradient", "random", "embedding"]
@@ -128,6 +128,7 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
                 batch_size=config.batch_size,
                 seed=config.seed + c,
                 warmup=0,
+                top_layers=top_layers_at(ws.base.model, ws.cache.split),
             )
             result = train_adapter(
                 ws.base,

@@ -133,11 +133,11 @@ def ensemble_distilled(
     The teacher runs every expert on every prompt: ``per_task`` is capped at
     ``DISTIL_ITEMS // K`` (at least 4) prompts per task, so K = 48 distils on 8 per task.
     The student adapts the same top layers as the library (the state cache's split)."""
-    from lorafuse.core.forward import num_layers
     from lorafuse.fusion.distill import distill
     from lorafuse.library import LoraAdapter
     from lorafuse.models import cache_root
     from lorafuse.training.config import TrainConfig
+    from lorafuse.training.train import top_layers_at
 
     experts = list(ws.private.values())
     per_task = min(per_task, max(4, DISTIL_ITEMS // len(experts)))
@@ -148,7 +148,7 @@ def ensemble_distilled(
     started = time.perf_counter()
     if not (out / "adapter_model.safetensors").is_file():
         train = [ws.encoded("train")[i] for i in ws.per_task("train", per_task)]
-        top = num_layers(ws.base.model) - ws.cache.split
+        top = top_layers_at(ws.base.model, ws.cache.split)
         config = TrainConfig(steps=steps, lr=lr, seed=seed, top_layers=top)
         distill(ws.base, experts, train, ws.cache, out, config, mode=mode)
     student = LoraAdapter.open(out)

@@ -37,6 +37,11 @@ def split_layer(model: torch.nn.Module, top_layers: int) -> int:
     return 0 if top_layers <= 0 or top_layers >= total else total - top_layers
 
 
+def top_layers_at(model: torch.nn.Module, split: int) -> int:
+    """The ``top_layers`` whose LoRA starts at layer ``split`` (a state cache's split)."""
+    return num_layers(model) - split if split > 0 else 0
+
+
 def lora_config(config: TrainConfig, base: BaseModel) -> LoraConfig:
     split = split_layer(base.model, config.top_layers)
     return LoraConfig(
