@@ -53,7 +53,7 @@ bigbench: install
 	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering random
 	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering embedding
 	$(BIN)/lorafuse compare $(BIGBENCH) --recent-merges --out $(BIGBENCH_OUT)
-	$(BIN)/lorafuse select $(BIGBENCH) --how arrow --per-task 4 --max-kept 8 \
+	$(BIN)/lorafuse select $(BIGBENCH) --how arrow --per-task 2 --max-kept 6 \
 	  --out $(BIGBENCH_OUT)/select
 	$(BIN)/lorafuse scale-study $(BIGBENCH) --held-out 8 --per-task 8 --out $(BIGBENCH_OUT)/scale
 
