@@ -18,6 +18,7 @@ import torch
 
 from lorafuse.elrea.methods import built_elrea
 from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
+from lorafuse.eval.paired import ALPHA, compare_pairs, paired_table, per_task_losses
 from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
 from lorafuse.eval.run import (
     BASE_ROW,
@@ -44,6 +45,25 @@ LEARNED = ("learned_global", "learned_per_layer")  # exported exactly as PEFT ad
 DISTILLED = ("ensemble_distilled",)
 ROUTERS = ("arrow", "hc_arrow", "learned_router", "twin", "twin_group")
 TASK_ROUTERS = frozenset({"twin", "twin_group"})  # routers trained on each expert's task
+# The comparisons the papers make, as (claim, a, b): paired tests across tasks of the rows'
+# per-task losses (``eval.paired``), where both rows were run.
+PAIRED: tuple[tuple[str, str, str], ...] = (
+    ("learned vs uniform merge", "learned_global", "uniform_average"),
+    ("learned vs uniform merge", "learned_per_layer", "uniform_average"),
+    ("learned vs uniform merge", "lorahub", "uniform_average"),
+    ("routing vs merging", "arrow", "uniform_average"),
+    ("routing vs merging", "learned_router", "learned_global"),
+    ("ensembling vs merging", "ensemble_prob", "uniform_average"),
+    ("probabilities vs logits", "ensemble_prob", "ensemble_logit"),
+    ("learned vs uniform ensemble", "ensemble_learned", "ensemble_prob"),
+    ("full-rank vs low-rank average", "uniform_average", "lowrank_average"),
+    ("Twin vs experts", "twin", ORACLE_ROW),
+    ("Twin vs its shared merge", "twin", "task_arithmetic"),
+    ("ELREA vs multi-task adapter", "elrea", MULTITASK),
+    ("ELREA vs uniform weights", "elrea", "elrea_uniform"),
+    ("ELREA vs random clusters", "elrea", "elrea_random"),
+    ("clustering vs routing", "hc_arrow", "arrow"),
+)
 
 
 @dataclass
@@ -202,6 +222,13 @@ def fusions(ws: Workspace, table: Table, methods: Sequence[str], seed: int) -> N
         table.info[row] = i["extra"]
 
 
+PAIRED_INTRO = (
+    "Each task is one pair of per-task mean losses (a - b < 0: a is better). Wilcoxon "
+    "signed-rank and paired t-test (scipy, two-sided); the verdict uses the Wilcoxon p-value "
+    f"Holm-adjusted over the comparisons below, at {ALPHA}."
+)
+
+
 def run_compare(
     ws: Workspace,
     out: str | Path,
@@ -256,8 +283,10 @@ def run_compare(
         if row in table.info:
             s["info"] = table.info[row]
     md = markdown_table(summaries, table.costs, table.family)
+    tests = compare_pairs(per_task_losses(summaries), PAIRED)
     results = {
         "methods": summaries,
+        "paired_tests": tests,
         "seed": seed,
         "library": str(ws.library),
         "timings": timings,
@@ -288,13 +317,15 @@ def run_compare(
     if table.notes:
         intro += "\n\n" + "\n".join(f"- Note: {n}" for n in table.notes)
     footer = "Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    paired = ("Paired tests across tasks", PAIRED_INTRO, paired_table(tests))
     atomic_write_text(
         out / "report.md",
-        f"# {title}\n\n{intro}\n\n{md}\n\n![methods](methods.png)\n\n![tasks](tasks.png)\n\n"
-        f"{footer}\n",
+        f"# {title}\n\n{intro}\n\n{md}\n\n## {paired[0]}\n\n{paired[1]}\n\n{paired[2]}\n\n"
+        f"![methods](methods.png)\n\n![tasks](tasks.png)\n\n{footer}\n",
     )
+    images = ["methods.png", "tasks.png"]
     atomic_write_text(
-        out / "report.html", html_report(title, intro, md, ["methods.png", "tasks.png"], footer)
+        out / "report.html", html_report(title, intro, md, images, footer, sections=[paired])
     )
     results["table"] = md
     return results
