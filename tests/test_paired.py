@@ -80,9 +80,7 @@ def test_compare_pairs_verdicts_and_report_rows() -> None:
     rng = np.random.default_rng(0)
     base = rng.uniform(1, 2, len(tasks))
     summaries = {
-        "good": {
-            "tasks": {t: {"loss": v - 0.5 - 0.01 * i} for i, (t, v) in enumerate(zip(tasks, base))}
-        },
+        "good": {"tasks": {t: {"loss": base[i] - 0.5 - 0.01 * i} for i, t in enumerate(tasks)}},
         "bad": {"tasks": {t: {"loss": v} for t, v in zip(tasks, base, strict=True)}},
         "noise": {
             "tasks": {
