@@ -3,8 +3,11 @@
 Rows: references (base, multi-task adapter, oracle), ensembles, static and learned merges,
 routers, ELREA (when the library has a build). Columns: mean test loss ± standard error
 across tasks, exact match, normalised score (accuracy / own expert's), and cost: training
-time (s), inference time per item (ms), stored bytes (MB). Written as ``results.json``,
-``report.md``, ``report.html``, ``methods.png`` (grouped by family) and ``tasks.png``.
+time (s), inference time per item (ms), stored bytes (MB). Then paired tests across tasks
+(``eval.paired``) of the comparisons the papers make (:data:`PAIRED`). Written as
+``results.json`` (``paired_tests``), ``report.md``, ``report.html``, ``methods.png`` (grouped
+by family) and ``tasks.png``. Every row is a method of the one registry (``lorafuse.methods``)
+with its defaults.
 """
 
 from __future__ import annotations
