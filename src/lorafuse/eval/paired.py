@@ -8,8 +8,10 @@ Two tests from scipy on the differences ``d_t = loss_A(t) - loss_B(t)``:
   no assumption on the shape of the differences, the verdict's test;
 * paired t-test (``ttest_rel``): assumes roughly normal differences, reported alongside.
 
-With several comparisons in one report, the verdict uses Holm's step-down adjustment of
-the Wilcoxon p-values over the comparisons made (family-wise error at ``alpha``).
+Each comparison is its own claim (from its own paper), so the verdict is per comparison at
+``alpha``; Holm's step-down adjustment of the Wilcoxon p-values over the comparisons made
+(family-wise error) is reported alongside, for the claims that must hold together. With n
+tasks and no ties the smallest two-sided Wilcoxon p is ``2 / 2**n`` (0.0078 for 8 tasks).
 """
 
 from __future__ import annotations
@@ -78,9 +80,8 @@ def compare_pairs(
     """Paired tests of each ``(claim, a, b)`` whose rows both exist, on their common tasks.
 
     Each result names the claim and rows, holds :func:`paired_test`'s numbers plus
-    ``holm_p`` (over the comparisons made) and ``verdict``: ``"a lower"`` / ``"b lower"``
-    (the row with the lower mean loss, where Holm's p < ``alpha``) or
-    :data:`NOT_DISTINGUISHABLE`.
+    ``holm_p`` (over the comparisons made) and ``verdict``: ``"<row> lower"`` (the row with
+    the lower mean loss, where the Wilcoxon p < ``alpha``) or :data:`NOT_DISTINGUISHABLE`.
     """
     made = []
     for claim, a, b in pairs:
@@ -89,8 +90,9 @@ def compare_pairs(
         tasks = [t for t in losses[a] if t in losses[b]]
         test = paired_test([losses[a][t] for t in tasks], [losses[b][t] for t in tasks])
         made.append({"claim": claim, "a": a, "b": b, **test})
-    for entry, p in zip(made, holm([e["wilcoxon_p"] for e in made]), strict=True):
-        entry["holm_p"] = p
+    for entry, adjusted in zip(made, holm([e["wilcoxon_p"] for e in made]), strict=True):
+        entry["holm_p"] = adjusted
+        p = entry["wilcoxon_p"]
         if p is not None and p < alpha and entry["mean_diff"]:
             entry["verdict"] = f"{entry['a'] if entry['mean_diff'] < 0 else entry['b']} lower"
         else:
