@@ -1,7 +1,10 @@
-"""Every fusion method by name: a builder from a workspace (+ parameters) to a :class:`Fusion`.
+"""This layer's fusion methods by name: builders from a workspace (+ parameters) to a
+:class:`Fusion`, registered in ``fusion.registry`` (ELREA's are added by ``lorafuse.methods``).
 
 Builders that learn something (coefficients, routers, ensemble weights) fit it on the
 validation split of the workspace's tasks; the private experts are the library fused.
+``STATIC_MERGES`` / ``RECENT_MERGES``: the settings of the ``merge`` method that ``compare``
+scores as rows.
 """
 
 from __future__ import annotations
