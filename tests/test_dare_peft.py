@@ -51,23 +51,23 @@ def test_dare_equals_peft_with_the_same_masks(
     )
     for i, e in enumerate(tiny_experts[1:], start=1):
         model.load_adapter(str(e.path), adapter_name=f"e{i}")
-    # rank 32 >= every module's smaller side: PEFT's SVD and ours are both exact
+    # rank 16: exact for v_proj (16 x 32), the same truncation of q_proj and up_proj for both
     model.add_weighted_adapter(
         ["e0", "e1", "e2"],
         weights,
         "m",
         combination_type=f"{method}_svd",
-        svd_rank=32,
+        svd_rank=16,
         density=density,
     )
-    settings = {"density": density, "rank": 32, "progress": False}
+    settings = {"density": density, "rank": 16, "progress": False}
     ours = merge(tiny_experts, method, weights, seed=SEED, **settings)
     assert sorted(called) == sorted(tiny_experts[0].module_names)  # one reseeded call each
     for module in tiny_experts[0].module_names:
         want = model.get_submodule(f"base_model.model.{module}").get_delta_weight("m")
         got = ours[module].delta()
-        # entries every expert dropped are 0 (DARE-TIES drops more: the sign election)
-        assert (want.abs() < 1e-6).float().mean() > 0.5 * (1 - density) ** 3
+        if module.endswith("v_proj"):  # exact: entries every expert dropped are 0
+            assert (want.abs() < 1e-6).float().mean() > 0.5 * (1 - density) ** 3
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # another seed draws other masks: the equality above is not one of unmasked merges
     other = merge(

@@ -43,7 +43,7 @@ def task_file(path: Path, per_split: tuple[int, int, int] = (8, 4, 4)) -> Path:
     for task in TASKS:
         start = 0
         for split, n in zip(("train", "val", "test"), per_split, strict=True):
-            words = [WORDS[(start + i) % len(WORDS)] + str(i // len(WORDS)) for i in range(n)]
+            words = [WORDS[j % len(WORDS)] + str(j // len(WORDS)) for j in range(start, start + n)]
             rows += [_row(task, w, split) for w in words]
             start += n
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
