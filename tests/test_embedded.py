@@ -177,7 +177,7 @@ def test_shipped_elrea_routes_prompts_and_answers(base) -> None:
     """The shipped ELREA build on a few test prompts: weights per prompt as the paper says,
     and the routed ensemble answers far better than the base model."""
     from lorafuse.fusion.base import evaluate
-    from lorafuse.fusion.methods import build_fusion
+    from lorafuse.methods import build_fusion
     from lorafuse.workspace import open_workspace
 
     ws = open_workspace(base=base)

@@ -238,8 +238,9 @@ def test_one_pass_ensembles_equal_separate_fusions(tiny_base, tiny_experts) -> N
 
 def test_method_names_and_parameters_are_checked() -> None:
     from lorafuse.errors import LorafuseError
-    from lorafuse.fusion.methods import FUSION_METHODS, build_fusion
+    from lorafuse.fusion.methods import FUSION_METHODS
     from lorafuse.fusion.run import parse_params
+    from lorafuse.methods import build_fusion
 
     assert parse_params(["top_k=3", "mode=logit", "learn=true", "scale=0.5"]) == {
         "top_k": 3,

@@ -1,4 +1,4 @@
-"""lorafuse.elrea.features: per-example LoRA gradients, Adam normalisation, JL projection, cache."""
+"""lorafuse.elrea features: per-example LoRA gradients, Adam normalisation, JL projection, cache."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lorafuse.elrea.features as feat
+import lorafuse.elrea.lora_grads as lora_grads
+import lorafuse.elrea.projection as projection
 from lorafuse.core.encode import Encoded
 from lorafuse.core.states import StateCache
 from lorafuse.elrea import (
@@ -103,7 +105,7 @@ def test_batched_grads_equal_one_backward_per_example(
     cache = StateCache(base64, 0, persist=False, progress=False)
     with feat.peft_adapters(base64, {"x": adapter_all}) as model:
         linears = lora_linears(model)
-        assert [feat._canonical(n) for n in names] == [lin.name for lin in linears]
+        assert [lora_grads._canonical(n) for n in names] == [lin.name for lin in linears]
         assert len(linears) == 2 * 2 * len(MODULES)  # 2 layers, A and B
         got = per_example_lora_grads(model, cache.get(encoded), encoded, 0, 0, target=target)
         loop = per_example_lora_grads_loop(model, cache.get(encoded), encoded, 0, 0, target=target)
@@ -162,7 +164,7 @@ def unit_rows(n: int, p: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_projection_preserves_cosines(kind: str) -> None:
-    p = feat._block_rows(1024) + 3000  # two generated blocks
+    p = projection._block_rows(1024) + 3000  # two generated blocks
     x = unit_rows(24, p, seed=0)
     y = project(x, 1024, seed=0, kind=kind)
     cos, cos_proj = x @ x.T, F.normalize(y, dim=1) @ F.normalize(y, dim=1).T
@@ -172,7 +174,7 @@ def test_projection_preserves_cosines(kind: str) -> None:
 
 
 def test_projection_is_seeded_and_blockwise() -> None:
-    x = unit_rows(5, 3 * feat._block_rows(256) + 17, seed=1)
+    x = unit_rows(5, 3 * projection._block_rows(256) + 17, seed=1)
     a = project(x, 256, seed=7)
     assert torch.equal(a, project(x, 256, seed=7))
     # rows do not interact (equal up to BLAS blocking, which depends on the row count)
@@ -183,7 +185,7 @@ def test_projection_is_seeded_and_blockwise() -> None:
     assert set(block.unique().tolist()) == {-1.0, 1.0}
     assert abs(block.mean().item()) < 0.1
     # the projection of a basis vector is a row of the matrix, scaled by 1/sqrt(dim)
-    rows = feat._block_rows(256)
+    rows = projection._block_rows(256)
     e = torch.zeros(1, x.shape[1])
     e[0, rows + 4] = 1.0
     torch.testing.assert_close(project(e, 256, seed=7)[0], block[4] / 16)

@@ -306,10 +306,10 @@ def test_methods_keep_dtype_and_zero_experts() -> None:
 
 
 def test_compare_rows_are_valid_settings() -> None:
-    from lorafuse.compare import MERGES, RECENT_MERGES
+    from lorafuse.fusion.methods import RECENT_MERGES, STATIC_MERGES
     from lorafuse.merging import merge_module
 
-    assert not set(RECENT_MERGES) & set(MERGES)
+    assert not set(RECENT_MERGES) & set(STATIC_MERGES)
     f32 = [LoraFactors(A=p.A.float(), B=p.B.float(), scaling=p.scaling) for p in PARTS]
     for method, params in RECENT_MERGES.values():
         spec = get_method(method)

@@ -23,9 +23,9 @@ from lorafuse.core.encode import encode_examples
 from lorafuse.core.states import StateCache
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import model_log_probs, score_examples
-from lorafuse.fusion.methods import build_fusion
 from lorafuse.fusion.run import fusion_command
 from lorafuse.library.create import create_library
+from lorafuse.methods import build_fusion
 from lorafuse.tasks import load_tasks
 from lorafuse.workspace import open_workspace
 

@@ -3,21 +3,26 @@
 Rows: references (base, multi-task adapter, oracle), ensembles, static and learned merges,
 routers, ELREA (when the library has a build). Columns: mean test loss ± standard error
 across tasks, exact match, normalised score (accuracy / own expert's), and cost: training
-time (s), inference time per item (ms), stored bytes (MB). Written as ``results.json``,
-``report.md``, ``report.html``, ``methods.png`` (grouped by family) and ``tasks.png``.
+time (s), inference time per item (ms), stored bytes (MB). Then paired tests across tasks
+(``eval.paired``) of the comparisons the papers make (:data:`PAIRED`). Written as
+``results.json`` (``paired_tests``), ``report.md``, ``report.html``, ``methods.png`` (grouped
+by family) and ``tasks.png``. Every row is a method of the one registry (``lorafuse.methods``)
+with its defaults.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lorafuse.elrea.methods import built_elrea
 from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
+from lorafuse.eval.paired import ALPHA, compare_pairs, paired_table, per_task_losses
 from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
 from lorafuse.eval.run import (
     BASE_ROW,
@@ -28,74 +33,46 @@ from lorafuse.eval.run import (
     summaries_of,
     versions,
 )
-from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
+from lorafuse.fusion.ensemble import score_ensembles
 from lorafuse.fusion.run import run_methods, source_bytes
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import LoraAdapter, save_adapter
 from lorafuse.library.manifest import tasks_unknown
-from lorafuse.merging import merge
-from lorafuse.merging.learned import learned_merge, save_learned_merge
+from lorafuse.merging.learned import LearnedCoefficients, save_learned_merge
+from lorafuse.methods import METHODS, RECENT_MERGES, STATIC_MERGES, build_fusion
 from lorafuse.training.library import MULTITASK
 from lorafuse.workspace import Workspace
 
-# Static merges of the private experts: row -> (method, parameters).
-MERGES: dict[str, tuple[str, dict]] = {
-    "uniform_average": ("linear", {}),  # exact full-rank mean of the deltas
-    "lowrank_average": ("lowrank_average", {}),  # mean of A's and of B's (cross-terms)
-    "task_arithmetic": ("task_arithmetic", {"scale": 0.3}),
-    "ties": ("ties", {"density": 0.2, "scale": 1.0}),
-    "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
-}
-# The merges since 2024 (``lorafuse methods``), rows only when asked for
-# (``run_compare(recent_merges=True)``, ``lorafuse compare --recent-merges``). Settings from
-# each paper or its reference code; scale 0.3 (as task_arithmetic above) where a method adds
-# the task vectors up, 1 where it averages them or sets the magnitude itself.
-RECENT_MERGES: dict[str, tuple[str, dict]] = {
-    "della": ("della", {"density": 0.5, "epsilon": 0.15, "seed": 0}),
-    "della_linear": ("della_linear", {"density": 0.5, "epsilon": 0.15, "scale": 0.3}),
-    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
-    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
-    "pcb": ("pcb", {"density": 0.1}),
-    "tsv_m": ("tsv_m", {"scale": 1.0}),
-    "tsv_c": ("tsv_c", {"scale": 0.3}),
-    "iso_c": ("iso_c", {"scale": 1.0}),
-    "iso_cts": ("iso_cts", {"scale": 1.0, "common_fraction": 0.8}),
-    "knots": ("knots", {"density": 0.2, "scale": 0.6}),
-    "core_space": ("core_space", {"inner": "ties", "density": 0.2}),
-    "wudi": ("wudi", {}),
-}
-# Merge coefficients learned on the validation split (row -> per layer?), exported exactly.
-LEARNED: dict[str, bool] = {"learned_global": False, "learned_per_layer": True}
-LEARN_SETTINGS = {"steps": 40, "lr": 0.1}
+# Rows are methods of the one registry (``lorafuse.methods``), built with its defaults.
+ENSEMBLES = ("ensemble_prob", "ensemble_logit", "ensemble_learned")  # one pass of all experts
+LEARNED = ("learned_global", "learned_per_layer")  # exported exactly as PEFT adapters
+DISTILLED = ("ensemble_distilled",)
+ROUTERS = ("arrow", "hc_arrow", "learned_router", "twin", "twin_group")
+TASK_ROUTERS = frozenset({"twin", "twin_group"})  # routers trained on each expert's task
 ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
 # Ensembles run every expert on every item: beyond DENSE_K experts they get a budget of
 # about ENSEMBLE_ITEMS expert-items per task (K = 48: 5 test and 4 validation items per task).
 DENSE_K = 16
 ENSEMBLE_ITEMS = 256
-
-
-def ensemble_caps(k: int) -> tuple[int | None, int]:
-    """(test items per task or None = all, validation items per task) for K experts."""
-    if k <= DENSE_K:
-        return None, ENSEMBLE_VAL_PER_TASK
-    return max(4, ENSEMBLE_ITEMS // k), max(4, ENSEMBLE_ITEMS // (2 * k))
-DISTILLED: dict[str, tuple[str, dict]] = {"ensemble_distilled": ("ensemble_distilled", {})}
-# Routing methods (fitted on the validation split where they learn): row -> (method, params).
-ROUTERS: dict[str, tuple[str, dict]] = {
-    "arrow": ("arrow", {}),
-    "hc_arrow": ("hc_arrow", {}),
-    "learned_router": ("learned_router", {}),
-    "twin": ("twin", {}),
-    "twin_group": ("twin_group", {}),
-}
-TASK_ROUTERS = frozenset({"twin", "twin_group"})  # routers trained on each expert's task
-# ELREA rows, when the library has the builds (``lorafuse elrea``).
-ELREA: dict[str, tuple[str, dict]] = {
-    "elrea": ("elrea", {}),
-    "elrea_uniform": ("elrea_uniform", {}),
-    "elrea_random": ("elrea_random", {}),
-    "elrea_embedding": ("elrea_embedding", {}),
-}
+# The comparisons the papers make, as (claim, a, b): paired tests across tasks of the rows'
+# per-task losses (``eval.paired``), where both rows were run.
+PAIRED: tuple[tuple[str, str, str], ...] = (
+    ("learned vs uniform merge", "learned_global", "uniform_average"),
+    ("learned vs uniform merge", "learned_per_layer", "uniform_average"),
+    ("learned vs uniform merge", "lorahub", "uniform_average"),
+    ("routing vs merging", "arrow", "uniform_average"),
+    ("routing vs merging", "learned_router", "learned_global"),
+    ("ensembling vs merging", "ensemble_prob", "uniform_average"),
+    ("probabilities vs logits", "ensemble_prob", "ensemble_logit"),
+    ("learned vs uniform ensemble", "ensemble_learned", "ensemble_prob"),
+    ("full-rank vs low-rank average", "uniform_average", "lowrank_average"),
+    ("Twin vs experts", "twin", ORACLE_ROW),
+    ("Twin vs its shared merge", "twin", "task_arithmetic"),
+    ("ELREA vs multi-task adapter", "elrea", MULTITASK),
+    ("ELREA vs uniform weights", "elrea", "elrea_uniform"),
+    ("ELREA vs random clusters", "elrea", "elrea_random"),
+    ("clustering vs routing", "hc_arrow", "arrow"),
+)
 
 
 @dataclass
@@ -169,23 +146,21 @@ def references(ws: Workspace, table: Table) -> None:
         )
 
 
-def ensembles(ws: Workspace, table: Table) -> None:
-    """Uniform mixture of probabilities, of logits, and learned mixture weights (val), from
-    one batched pass of all experts."""
-    experts = list(ws.private.values())
-    k = len(experts)
+def ensemble_caps(k: int) -> tuple[int | None, int]:
+    """(test items per task or None = all, validation items per task) for K experts."""
+    if k <= DENSE_K:
+        return None, ENSEMBLE_VAL_PER_TASK
+    return max(4, ENSEMBLE_ITEMS // k), max(4, ENSEMBLE_ITEMS // (2 * k))
+
+
+def ensembles(ws: Workspace, table: Table, seed: int) -> None:
+    """Uniform mixture of probabilities, of logits, and learned mixture weights (val), scored
+    in one batched pass of all experts (within a budget of items beyond ``DENSE_K``)."""
+    k = len(ws.private)
     test_cap, val_cap = ensemble_caps(k)
-    t0 = time.perf_counter()
-    val = [ws.encoded("val")[i] for i in ws.per_task("val", val_cap)]
-    lp, rows = target_log_probs(ws.base.model, experts, val, ws.cache)
-    learned = fit_mixture_weights(lp, rows)
-    fit_s = time.perf_counter() - t0
-    uniform = torch.full((k,), 1.0 / k)
-    variants = {
-        "ensemble_prob": (uniform, "prob"),
-        "ensemble_logit": (uniform, "logit"),
-        "ensemble_learned": (learned, "prob"),
-    }
+    fused = {row: build_fusion(ws, row, seed=seed, val_per_task=val_cap) for row in ENSEMBLES}
+    experts = fused[ENSEMBLES[0]].sources
+    variants = {row: (f.ensemble.weights, f.ensemble.mode) for row, f in fused.items()}
     test = ws.per_task("test", test_cap)
     t0 = time.perf_counter()
     encoded = [ws.encoded("test")[i] for i in test]
@@ -200,9 +175,11 @@ def ensembles(ws: Workspace, table: Table) -> None:
             f"task, weights fitted on {val_cap} validation items per task (budget)"
         )
     for row, scores in scored.items():
-        train = fit_s if row == "ensemble_learned" else 0.0
+        info = dict(fused[row].info)
+        train = info.pop("train_s", 0.0)
         table.add(row, "ensembling", scores, train_s=train, infer_ms=infer_ms, stored_mb=stored)
-    table.info["ensemble_learned"] = {"weights": learned.tolist()}
+        if info:
+            table.info[row] = info
 
 
 def on_subset(scores: ExampleScores, idx: list[int], n: int) -> ExampleScores:
@@ -217,28 +194,37 @@ def merges(
     table: Table,
     out: Path,
     seed: int,
-    rows: Mapping[str, tuple[str, dict]] = MERGES,
+    rows: Mapping[str, tuple[str, dict]] = STATIC_MERGES,
 ) -> None:
-    """Static merges (``rows``) and learned merges, saved as PEFT adapters under
-    ``out/merged`` and scored."""
-    experts = list(ws.private.values())
+    """Static merges (``rows``: the registry's ``merge`` with those parameters) and learned
+    merges, saved as PEFT adapters under ``out/merged`` and scored."""
     paths: dict[str, Path] = {}
     made_s: dict[str, float] = {}
     for row, (method, params) in rows.items():
+        params = dict(params)
         t0 = time.perf_counter()
-        factors = merge(experts, method, progress=False, **params)
+        fusion = build_fusion(ws, "merge", seed=params.pop("seed", seed), method=method, **params)
         made_s[row] = time.perf_counter() - t0
         paths[row] = save_adapter(
             out / "merged" / row,
-            factors,
+            fusion.sources[0].modules,
             base_model=ws.base.name,
-            readme=f"lorafuse merge of the private experts: {method} {params}\n",
+            readme=f"lorafuse merge of the private experts: {method} {rows[row][1]}\n",
         )
-    for row, per_layer in LEARNED.items():
-        config = {"per_layer": per_layer, "split": "val", "seed": seed, **LEARN_SETTINGS}
-        learned = learned_merge(ws, per_layer=per_layer, seed=seed, **LEARN_SETTINGS)
+    for row in LEARNED:
+        fusion = build_fusion(ws, row, seed=seed)
+        info = fusion.info
+        learned = LearnedCoefficients(
+            torch.tensor(info["coefficients"]),
+            info["layers"],
+            info["objective_history"],
+            info["train_s"],
+        )
         made_s[row] = learned.seconds
-        paths[row] = save_learned_merge(ws, learned, out / "merged" / row, config)
+        config = {"method": row, "split": "val", "seed": seed, **METHODS[row].defaults}
+        paths[row] = save_learned_merge(
+            learned, ws.private, out / "merged" / row, config, base_model=ws.base.name
+        )
     n = len(ws.encoded("test"))
     scored = score_adapters(ws.base, ws.encoded("test"), ws.cache, paths)
     for row, (scores, secs) in scored.items():
@@ -253,11 +239,10 @@ def merges(
         )
 
 
-def fusions(
-    ws: Workspace, table: Table, methods: Mapping[str, tuple[str, dict]], seed: int
-) -> None:
-    """Methods built by name on the mixture core (routers, ELREA), fitted and scored."""
-    rows, info = run_methods(ws, methods, "test", seed=seed)
+def fusions(ws: Workspace, table: Table, methods: Sequence[str], seed: int) -> None:
+    """Methods of the registry built by name on the mixture core (routers, ELREA), fitted and
+    scored with their defaults."""
+    rows, info = run_methods(ws, {row: (row, {}) for row in methods}, "test", seed=seed)
     for row, scores in rows.items():
         i = info[row]
         table.add(
@@ -271,26 +256,11 @@ def fusions(
         table.info[row] = i["extra"]
 
 
-def _without(methods: dict, skip: frozenset[str]) -> dict:
-    return {row: spec for row, spec in methods.items() if row not in skip}
-
-
-def available_elrea(ws: Workspace, rows: list[str] | None = None) -> dict[str, tuple[str, dict]]:
-    from lorafuse.elrea.pipeline import elrea_dir
-
-    have = {
-        c
-        for c in ("gradient", "random", "embedding")
-        if (elrea_dir(ws.library, c) / "elrea.json").is_file()
-    }
-    need = {
-        "elrea": "gradient",
-        "elrea_uniform": "gradient",
-        "elrea_random": "random",
-        "elrea_embedding": "embedding",
-    }
-    wanted = rows or list(ELREA)
-    return {row: spec for row, spec in ELREA.items() if need[row] in have and row in wanted}
+PAIRED_INTRO = (
+    "Each task is one pair of per-task mean losses (a - b < 0: a is better). Wilcoxon "
+    "signed-rank and paired t-test (scipy, two-sided); the verdict is the Wilcoxon test at "
+    f"{ALPHA} for each comparison alone; Holm p adjusts it over all the comparisons below."
+)
 
 
 def run_compare(
@@ -309,7 +279,7 @@ def run_compare(
     ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters);
     ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training);
     ``skip`` names routing rows to leave out; ``recent_merges`` adds the rows of
-    :data:`RECENT_MERGES`.
+    :data:`lorafuse.fusion.methods.RECENT_MERGES`.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -322,14 +292,14 @@ def run_compare(
     ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
     ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
     timings["state_cache_s"] = time.perf_counter() - t0
-    static_rows = {**MERGES, **(RECENT_MERGES if recent_merges else {})}
+    static_rows = {**STATIC_MERGES, **(RECENT_MERGES if recent_merges else {})}
     steps = [
         ("references_s", lambda: references(ws, table)),
-        ("ensembles_s", lambda: ensembles(ws, table)),
-        ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else {}, seed)),
+        ("ensembles_s", lambda: ensembles(ws, table, seed)),
+        ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else (), seed)),
         ("merges_s", lambda: merges(ws, table, out, seed, static_rows)),
-        ("routing_s", lambda: fusions(ws, table, _without(ROUTERS, skip), seed)),
-        ("elrea_s", lambda: fusions(ws, table, available_elrea(ws, elrea_rows), seed)),
+        ("routing_s", lambda: fusions(ws, table, [r for r in ROUTERS if r not in skip], seed)),
+        ("elrea_s", lambda: fusions(ws, table, built_elrea(ws, elrea_rows), seed)),
     ]
     for key, step in steps:
         t0 = time.perf_counter()
@@ -347,8 +317,10 @@ def run_compare(
         if row in table.info:
             s["info"] = table.info[row]
     md = markdown_table(summaries, table.costs, table.family)
+    tests = compare_pairs(per_task_losses(summaries), PAIRED)
     results = {
         "methods": summaries,
+        "paired_tests": tests,
         "seed": seed,
         "library": str(ws.library),
         "timings": timings,
@@ -379,13 +351,15 @@ def run_compare(
     if table.notes:
         intro += "\n\n" + "\n".join(f"- Note: {n}" for n in table.notes)
     footer = "Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    paired = ("Paired tests across tasks", PAIRED_INTRO, paired_table(tests))
     atomic_write_text(
         out / "report.md",
-        f"# {title}\n\n{intro}\n\n{md}\n\n![methods](methods.png)\n\n![tasks](tasks.png)\n\n"
-        f"{footer}\n",
+        f"# {title}\n\n{intro}\n\n{md}\n\n## {paired[0]}\n\n{paired[1]}\n\n{paired[2]}\n\n"
+        f"![methods](methods.png)\n\n![tasks](tasks.png)\n\n{footer}\n",
     )
+    images = ["methods.png", "tasks.png"]
     atomic_write_text(
-        out / "report.html", html_report(title, intro, md, ["methods.png", "tasks.png"], footer)
+        out / "report.html", html_report(title, intro, md, images, footer, sections=[paired])
     )
     results["table"] = md
     return results

@@ -25,22 +25,8 @@ they induce on a base adapter. A feature is built in four steps:
    ``(seed, kind, dim, P)`` and memory stays bounded for any ``P`` and ``dim``.
 4. **L2 normalisation**.
 
-Per-example gradients come from *one* batched backward (:func:`per_example_lora_grads`):
-a LoRA linear is two plain linears ``u = x A^T`` and ``z = u B^T`` (the output then scaled
-by ``s``), and a linear ``y = x W^T`` has the per-example gradient
-``dW_i = sum_t gy_{i,t}^T x_{i,t}``. Forward hooks on every ``lora_A`` / ``lora_B`` keep
-their inputs and outputs; ``torch.autograd.grad`` of the *summed* per-example losses gives
-the output gradients (``gy`` of ``lora_B`` includes ``s``; that of ``lora_A`` is
-``s * g B``). Summing is exact: in a causal LM with right padding examples do not
-interact, so each example's loss depends only on its own row. Padding positions are
-masked. The gradient of the NLL with respect to the final hidden states is formed in chunks
-of positions (``softmax - onehot``, then the head weight) instead of through (N, V) logits.
-:func:`per_example_lora_grads_loop` is the plain reference: one forward and
-``autograd.grad`` per example.
-
-On a CPU both are bound by the same matrix products (the vocabulary projection at every
-prompt position is over half of them), so batching gains only GEMM efficiency on longer
-matrices, about 1.5-2x for ~30-token prompts (``benchmarks/bench_grad.py``).
+Per-example gradients: :mod:`lorafuse.elrea.lora_grads`; Adam normalisation and the
+projection: :mod:`lorafuse.elrea.projection`.
 
 Features are cached under ``cache_root()/"grad_features"`` (or ``directory``) in a folder
 named by a hash of the base model, adapter weights, settings and the ordered examples, one
@@ -54,7 +40,6 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,346 +47,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafuse.core.encode import Batch, Encoded, collate
-from lorafuse.core.fit import per_example_nll
-from lorafuse.core.forward import decoder_parts, run_layers, target_logits
+from lorafuse.core.encode import Encoded
 from lorafuse.core.peft_adapters import peft_adapters
-from lorafuse.core.states import StateCache, example_key, pad_states
+from lorafuse.core.states import StateCache, example_key
+from lorafuse.elrea.lora_grads import TARGETS, _canonical, lora_linears, per_example_lora_grads
+from lorafuse.elrea.projection import (
+    MAX_DIM,
+    PROJECTIONS,
+    adam_normalise,
+    project,
+    second_moment_vector,
+)
 from lorafuse.errors import LorafuseError
 from lorafuse.io import atomic_path, atomic_write_json
 from lorafuse.library import LoraAdapter
 from lorafuse.models import BaseModel, cache_root
 
-__all__ = [
-    "LoraLinear",
-    "TARGETS",
-    "adam_normalise",
-    "estimate_second_moment",
-    "gradient_features",
-    "lora_linears",
-    "per_example_lora_grads",
-    "per_example_lora_grads_loop",
-    "project",
-    "projection_block",
-    "second_moment_vector",
-]
+__all__ = ["estimate_second_moment", "gradient_features"]
 
-TARGETS = ("prompt", "answer")
-PROJECTIONS = ("rademacher", "gaussian")
-MAX_DIM = 8192
-_BLOCK_ENTRIES = 1 << 24  # entries of one generated projection block (64 MB in fp32)
 _ADAPTER = "elrea_base"  # adapter name while attached to the base model
 _FORMAT = 1  # bump when the feature definition changes (invalidates the disk cache)
-
-
-@dataclass(frozen=True)
-class LoraLinear:
-    """One LoRA weight: its name as in ``adapter_model.safetensors`` and its linear module."""
-
-    name: str  # e.g. base_model.model.model.layers.24.self_attn.q_proj.lora_A.weight
-    module: nn.Linear
-
-    @property
-    def numel(self) -> int:
-        return self.module.weight.numel()
-
-
-def lora_linears(model: nn.Module, adapter_name: str | None = None) -> list[LoraLinear]:
-    """Every ``lora_A`` / ``lora_B`` linear of the active (or named) adapter, in model order."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        name = adapter_name or _active_adapter(module)
-        if name not in module.lora_A:
-            continue
-        for part in ("lora_A", "lora_B"):
-            linear = getattr(module, part)[name]
-            if not isinstance(linear, nn.Linear) or linear.bias is not None:
-                raise LorafuseError(f"{path}: only bias-free LoRA on linear layers is supported")
-            out.append(LoraLinear(f"{path}.{part}.weight", linear))
-    if not out:
-        raise LorafuseError("the model carries no LoRA linear layers")
-    return out
-
-
-def _active_adapter(module: nn.Module) -> str:
-    active = module.active_adapters
-    if len(active) != 1:
-        raise LorafuseError(f"exactly one active adapter needed, found {list(active)}")
-    return active[0]
-
-
-def _inputs(
-    states: Sequence[torch.Tensor], encoded: Sequence[Encoded], pad_id: int, target: str
-) -> tuple[torch.Tensor, Batch]:
-    """Padded states and the batch of loss targets for ``target``.
-
-    ``"prompt"``: each sequence is cut to its prompt and every prompt token after the first
-    is a target (``collate`` with ``prompt_len=1``); the states are cut alike, which equals
-    running the prompt alone since attention is causal.
-    """
-    if target == "answer":
-        return pad_states(states), collate(encoded, pad_id)
-    if target != "prompt":
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    cut = [max(e.prompt_len, 1) for e in encoded]
-    prompts = [Encoded(e.ids[:n], 1) for e, n in zip(encoded, cut, strict=True)]
-    return pad_states([s[:n] for s, n in zip(states, cut, strict=True)]), collate(prompts, pad_id)
-
-
-def _example_losses(
-    model: nn.Module, states: torch.Tensor, batch: Batch, split: int
-) -> torch.Tensor:
-    logits = target_logits(model, states, batch, split)
-    return per_example_nll(logits, batch)
-
-
-def _final_hidden(model: nn.Module, states: torch.Tensor, batch: Batch, split: int):
-    """Normed last hidden states (N, H) at the positions predicting each target."""
-    parts = decoder_parts(model)
-    hidden = run_layers(model, states, split)
-    picked = hidden[batch.rows.to(hidden.device), batch.positions.to(hidden.device)]
-    return parts.norm(picked)
-
-
-@torch.no_grad()
-def _nll_grad(
-    normed: torch.Tensor,
-    batch: Batch,
-    head: nn.Module,
-    n: int,
-    chunk: int = 64,
-    softcap: float | None = None,
-):
-    """d(sum_i mean-NLL_i) / d(normed), (N, H), computed ``chunk`` positions at a time.
-
-    ``softmax(z) - onehot`` times ``1/count_i`` times the head weight: the same products as
-    autograd through ``cross_entropy``, without (N, V) logits and their gradient in memory
-    (for a prompt target N is every prompt token; at V=49k those buffers cost more in memory
-    traffic than the products themselves). With final logit softcapping
-    ``z = c tanh(u / c)`` the chain rule adds the factor ``1 - tanh(u / c)^2``.
-    """
-    rows = batch.rows.to(normed.device)
-    targets = batch.targets.to(normed.device)
-    counts = torch.bincount(rows, minlength=n).clamp(min=1).to(normed.dtype)
-    out = torch.empty_like(normed)
-    for s in range(0, normed.shape[0], chunk):
-        z = head(normed[s : s + chunk])
-        squash = None if softcap is None else torch.tanh(z / softcap)
-        z = z.softmax(dim=-1) if squash is None else (squash * softcap).softmax(dim=-1)
-        z[torch.arange(z.shape[0], device=z.device), targets[s : s + chunk]] -= 1
-        z.mul_((1 / counts[rows[s : s + chunk]])[:, None])
-        if squash is not None:
-            z.mul_(1 - squash.square())
-        out[s : s + chunk] = z @ head.weight
-    return out
-
-
-def per_example_lora_grads(
-    model: nn.Module,
-    states: Sequence[torch.Tensor],
-    encoded: Sequence[Encoded],
-    split: int,
-    pad_id: int,
-    *,
-    target: str = "prompt",
-    linears: Sequence[LoraLinear] | None = None,
-) -> torch.Tensor:
-    """Flat per-example gradients (B, P) of each example's mean NLL, from one backward.
-
-    ``model`` carries LoRA layers only at or above ``split``; ``states`` are the (len_i, H)
-    hidden states entering layer ``split``. Columns follow :func:`lora_linears`.
-    """
-    linears = list(linears) if linears is not None else lora_linears(model)
-    device = next(model.parameters()).device
-    padded, batch = _inputs(states, encoded, pad_id, target)
-    padded = padded.to(device)
-    n, width = padded.shape[:2]
-    mask = torch.arange(width, device=device)[None] < batch.lengths.to(device)[:, None]
-    mask = mask.to(padded.dtype)[..., None]  # (B, T, 1)
-
-    seen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(linears)
-
-    def keep(k: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if seen[k] is not None:
-                raise LorafuseError(f"{linears[k].name} ran twice in one forward")
-            seen[k] = (args[0].detach(), output)
-
-        return hook
-
-    flags = [lin.module.weight.requires_grad for lin in linears]
-    handles = [lin.module.register_forward_hook(keep(k)) for k, lin in enumerate(linears)]
-    try:
-        for lin in linears:
-            lin.module.weight.requires_grad_(True)  # so the LoRA outputs join the graph
-        with torch.enable_grad():
-            normed = _final_hidden(model, padded, batch, split)
-            if any(s is None for s in seen):
-                missing = [lin.name for lin, s in zip(linears, seen, strict=True) if s is None]
-                raise LorafuseError(f"LoRA layers not run (below split {split}?): {missing[:3]}")
-            parts = decoder_parts(model)
-            head = parts.lm_head
-            if getattr(head, "bias", None) is not None:
-                raise LorafuseError("an lm_head with a bias is not supported")
-            grads = torch.autograd.grad(
-                normed,
-                [s[1] for s in seen],
-                grad_outputs=_nll_grad(normed.detach(), batch, head, n, softcap=parts.softcap),
-                allow_unused=True,
-            )
-    finally:
-        for h in handles:
-            h.remove()
-        for lin, flag in zip(linears, flags, strict=True):
-            lin.module.weight.requires_grad_(flag)
-
-    out = padded.new_empty(n, sum(lin.numel for lin in linears))
-    offset = 0
-    for lin, (x, _), gy in zip(linears, seen, grads, strict=True):
-        size = lin.numel
-        block = out[:, offset : offset + size].view(n, *lin.module.weight.shape)
-        if gy is None:  # output does not reach the loss (e.g. a module after the last target)
-            block.zero_()
-        else:
-            block.copy_(torch.bmm(gy.transpose(1, 2), x.to(gy.dtype) * mask))
-        offset += size
-    return out
-
-
-def per_example_lora_grads_loop(
-    model: nn.Module,
-    states: Sequence[torch.Tensor],
-    encoded: Sequence[Encoded],
-    split: int,
-    pad_id: int,
-    *,
-    target: str = "prompt",
-    linears: Sequence[LoraLinear] | None = None,
-) -> torch.Tensor:
-    """The same (B, P) gradients with one forward and backward per example (the reference)."""
-    linears = list(linears) if linears is not None else lora_linears(model)
-    device = next(model.parameters()).device
-    weights = [lin.module.weight for lin in linears]
-    flags = [w.requires_grad for w in weights]
-    rows = []
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        for state, example in zip(states, encoded, strict=True):
-            padded, batch = _inputs([state], [example], pad_id, target)
-            with torch.enable_grad():
-                loss = _example_losses(model, padded.to(device), batch, split).sum()
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(w)).reshape(-1)
-                        for g, w in zip(grads, weights, strict=True)
-                    ]
-                )
-            )
-    finally:
-        for w, flag in zip(weights, flags, strict=True):
-            w.requires_grad_(flag)
-    return torch.stack(rows)
-
-
-# --- Adam normalisation ------------------------------------------------------------------
-
-
-def _canonical(name: str) -> str:
-    """``...lora_A.<adapter>.weight`` (a live module's name) -> ``...lora_A.weight`` (file)."""
-    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
-
-
-def second_moment_vector(
-    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
-    linears: Sequence[LoraLinear],
-) -> torch.Tensor:
-    """The flat ``v`` (P,) in the column order of ``linears``.
-
-    ``adam_state`` maps parameter names (as in ``adapter_model.safetensors``, or with the
-    adapter name as in ``named_parameters``) to ``exp_avg_sq`` tensors, or to an optimizer's
-    per-parameter state dict holding ``"exp_avg_sq"``.
-    """
-    by_name = {_canonical(k): v for k, v in adam_state.items()}
-    parts = []
-    for lin in linears:
-        value = by_name.get(_canonical(lin.name))
-        if isinstance(value, Mapping):
-            value = value.get("exp_avg_sq")
-        if value is None:
-            raise LorafuseError(f"adam_state has no exp_avg_sq for {lin.name}")
-        if value.numel() != lin.numel:
-            raise LorafuseError(
-                f"adam_state[{lin.name}] has {value.numel()} entries, the weight {lin.numel}"
-            )
-        parts.append(value.detach().reshape(-1).float().cpu())
-    v = torch.cat(parts)
-    if (v < 0).any() or not torch.isfinite(v).all():
-        raise LorafuseError("adam_state exp_avg_sq must be finite and non-negative")
-    return v
-
-
-def adam_normalise(grads: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """LESS's Adam-preconditioned gradient ``g / (sqrt(v) + eps)`` (v broadcast over rows)."""
-    return grads / (v.to(grads.device, grads.dtype).sqrt() + eps)
-
-
-# --- random projection -------------------------------------------------------------------
-
-
-def _block_rows(dim: int) -> int:
-    return max(1, _BLOCK_ENTRIES // dim)
-
-
-_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float() * 2 - 1  # byte -> 8 ±1
-
-
-def projection_block(
-    seed: int, index: int, rows: int, dim: int, kind: str = "rademacher"
-) -> torch.Tensor:
-    """Rows ``[index*B, index*B + rows)`` of the (P, dim) projection matrix, unscaled.
-
-    Each block has its own generator seeded from ``(seed, index)``, so any block can be
-    made alone and the matrix does not depend on how the examples are batched.
-    """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
-    if kind == "gaussian":
-        return torch.randn(rows, dim, generator=gen)
-    if kind != "rademacher":
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
-    total = rows * dim
-    octets = torch.randint(0, 256, ((total + 7) // 8,), generator=gen, dtype=torch.uint8)
-    signs = nn.functional.embedding(octets.long(), _SIGNS)  # 8 random signs per byte
-    return signs.reshape(-1)[:total].view(rows, dim)
-
-
-def project(
-    grads: torch.Tensor, dim: int = 1024, seed: int = 0, kind: str = "rademacher"
-) -> torch.Tensor:
-    """``grads (N, P) @ R / sqrt(dim)`` with R (P, dim) of i.i.d. ±1 or N(0, 1) entries.
-
-    ``E ||project(x)||^2 = ||x||^2`` and inner products are preserved up to
-    ``O(1/sqrt(dim))`` (Johnson-Lindenstrauss). R is generated block by block.
-    """
-    if not 1 <= dim <= MAX_DIM:
-        raise ValueError(f"dim must be in 1..{MAX_DIM}, got {dim}")
-    n, p = grads.shape
-    rows = _block_rows(dim)
-    out = grads.new_zeros(n, dim, dtype=torch.float32)
-    for index, start in enumerate(range(0, p, rows)):
-        stop = min(start + rows, p)
-        block = projection_block(seed, index, stop - start, dim, kind).to(grads.device)
-        out.addmm_(grads[:, start:stop].float(), block)
-    return out.mul_(dim**-0.5)
-
-
-# --- the cached pipeline -----------------------------------------------------------------
 
 
 def _sha1_file(h: hashlib._Hash, path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lorafuse.io import atomic_path
@@ -95,8 +95,7 @@ def plot_methods(
     return save_png(fig, path)
 
 
-def html_report(title: str, intro: str, table_md: str, images: list[str], footer: str) -> str:
-    """A self-contained HTML page: the Markdown table as an HTML table, then the plots."""
+def _html_table(table_md: str) -> str:
     import html
 
     lines = [ln for ln in table_md.strip().splitlines() if not set(ln) <= set("|-: ")]
@@ -104,6 +103,25 @@ def html_report(title: str, intro: str, table_md: str, images: list[str], footer
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_report(
+    title: str,
+    intro: str,
+    table_md: str,
+    images: list[str],
+    footer: str,
+    sections: Sequence[tuple[str, str, str]] = (),
+) -> str:
+    """A self-contained HTML page: the Markdown table as an HTML table, then each section
+    ``(heading, text, Markdown table)``, then the plots."""
+    import html
+
+    extra = "".join(
+        f"<h2>{html.escape(h)}</h2><p>{html.escape(text)}</p>{_html_table(md)}"
+        for h, text, md in sections
     )
     imgs = "".join(f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images)
     style = (
@@ -114,8 +132,8 @@ def html_report(title: str, intro: str, table_md: str, images: list[str], footer
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{html.escape(intro)}</p><table><thead><tr>{head}</tr></thead><tbody>{body}"
-        f"</tbody></table>{imgs}<p>{html.escape(footer)}</p></body></html>\n"
+        f"<p>{html.escape(intro)}</p>{_html_table(table_md)}{extra}{imgs}"
+        f"<p>{html.escape(footer)}</p></body></html>\n"
     )
 
 

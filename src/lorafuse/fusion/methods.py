@@ -1,16 +1,16 @@
-"""Every fusion method by name: a builder from a workspace (+ parameters) to a :class:`Fusion`.
+"""This layer's fusion methods by name: builders from a workspace (+ parameters) to a
+:class:`Fusion`, registered in ``fusion.registry`` (ELREA's are added by ``lorafuse.methods``).
 
 Builders that learn something (coefficients, routers, ensemble weights) fit it on the
 validation split of the workspace's tasks; the private experts are the library fused.
+``STATIC_MERGES`` / ``RECENT_MERGES``: the settings of the ``merge`` method that ``compare``
+scores as rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, merged_clusters
+from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
 from lorafuse.fusion.twin import twin_sources as make_twin_sources
@@ -62,8 +63,12 @@ def learned_coefficients(
     seed: int = 0,
 ) -> Fusion:
     """Merge coefficients learned on validation data (gradient descent or LoRAHub search)."""
+    experts = list(ws.private.values())
     learned = learned_merge(
-        ws,
+        ws.base.model,
+        experts,
+        ws.encoded(VAL),
+        ws.cache,
         per_layer=per_layer,
         objective=objective,  # type: ignore[arg-type]
         search=search,
@@ -76,9 +81,14 @@ def learned_coefficients(
     return Fusion(
         "learned",
         "merging",
-        list(ws.private.values()),
+        experts,
         mixer,
-        info={"train_s": learned.seconds, "coefficients": learned.coef.tolist()},
+        info={
+            "train_s": learned.seconds,
+            "coefficients": learned.coef.tolist(),
+            "layers": learned.layers,
+            "objective_history": learned.history,
+        },
     )
 
 
@@ -314,79 +324,62 @@ def hierarchical(
     )
 
 
-def elrea(
-    ws: Workspace,
-    *,
-    clustering: str = "gradient",
-    weights: str = "elrea",
-    temperature: float | None = None,
-    seed: int = 0,
-) -> Fusion:
-    """ELREA: cluster experts of gradient features, weighted per prompt (built by
-    ``lorafuse elrea``; the shipped library has them)."""
-    from lorafuse.elrea.pipeline import elrea_dir, elrea_fusion
-
-    path = elrea_dir(ws.library, clustering)
-    if not (path / "elrea.json").is_file():
-        raise LorafuseError(
-            f"{path}: no ELREA build here (run: lorafuse elrea --clustering {clustering})"
-        )
-    return elrea_fusion(ws, path, weights=weights, temperature=temperature)
-
-
-@dataclass(frozen=True)
-class FusionMethod:
-    name: str
-    family: str
-    build: Callable[..., Fusion]
-    defaults: dict[str, Any]
-    summary: str
-
-
-def _method(name: str, family: str, build: Callable[..., Fusion], **defaults: Any):
-    doc = (build.__doc__ or "").strip().splitlines()[0]
-    return FusionMethod(name, family, build, defaults, doc)
+# Static merges of the private experts that ``compare`` scores: row -> (merge method, params);
+# each row is the ``merge`` fusion method with those parameters.
+STATIC_MERGES: dict[str, tuple[str, dict]] = {
+    "uniform_average": ("linear", {}),  # exact full-rank mean of the deltas
+    "lowrank_average": ("lowrank_average", {}),  # mean of A's and of B's (cross-terms)
+    "task_arithmetic": ("task_arithmetic", {"scale": 0.3}),
+    "ties": ("ties", {"density": 0.2, "scale": 1.0}),
+    "dare_ties": ("dare_ties", {"density": 0.5, "scale": 1.0, "seed": 0}),
+}
+# The merges since 2024 (``lorafuse methods``), rows only when asked for
+# (``run_compare(recent_merges=True)``, ``lorafuse compare --recent-merges``). Settings from
+# each paper or its reference code; scale 0.3 (as task_arithmetic above) where a method adds
+# the task vectors up, 1 where it averages them or sets the magnitude itself.
+RECENT_MERGES: dict[str, tuple[str, dict]] = {
+    "della": ("della", {"density": 0.5, "epsilon": 0.15, "seed": 0}),
+    "della_linear": ("della_linear", {"density": 0.5, "epsilon": 0.15, "scale": 0.3}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01, "scale": 0.3}),
+    "pcb": ("pcb", {"density": 0.1}),
+    "tsv_m": ("tsv_m", {"scale": 1.0}),
+    "tsv_c": ("tsv_c", {"scale": 0.3}),
+    "iso_c": ("iso_c", {"scale": 1.0}),
+    "iso_cts": ("iso_cts", {"scale": 1.0, "common_fraction": 0.8}),
+    "knots": ("knots", {"density": 0.2, "scale": 0.6}),
+    "core_space": ("core_space", {"inner": "ties", "density": 0.2}),
+    "wudi": ("wudi", {}),
+}
 
 
 FUSION_METHODS: dict[str, FusionMethod] = {
     m.name: m
     for m in [
-        _method("merge", "merging", static_merge),
-        _method("learned_global", "merging", learned_coefficients),
-        _method("learned_per_layer", "merging", learned_coefficients, per_layer=True),
-        _method("lorahub", "merging", learned_coefficients, search=True),
-        _method("ensemble_prob", "ensembling", ensemble, mode="prob"),
-        _method("ensemble_logit", "ensembling", ensemble, mode="logit"),
-        _method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),
-        _method("ensemble_distilled", "ensembling", ensemble_distilled),
-        _method("arrow", "routing", arrow),
-        _method("learned_router", "routing", learned_router),
-        _method("twin", "routing", twin),
-        _method("twin_group", "routing", twin, group=True),
-        _method("hc_arrow", "routing", hierarchical),
-        _method("elrea", "ensembling", elrea),
-        _method("elrea_uniform", "ensembling", elrea, weights="uniform"),
-        _method("elrea_random", "ensembling", elrea, clustering="random"),
-        _method("elrea_embedding", "ensembling", elrea, clustering="embedding"),
+        fusion_method("merge", "merging", static_merge, open_params=True),
+        fusion_method("learned_global", "merging", learned_coefficients),
+        fusion_method("learned_per_layer", "merging", learned_coefficients, per_layer=True),
+        fusion_method("lorahub", "merging", learned_coefficients, search=True),
+        fusion_method("ensemble_prob", "ensembling", ensemble, mode="prob"),
+        fusion_method("ensemble_logit", "ensembling", ensemble, mode="logit"),
+        fusion_method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),
+        fusion_method("ensemble_distilled", "ensembling", ensemble_distilled),
+        fusion_method("arrow", "routing", arrow),
+        fusion_method("learned_router", "routing", learned_router),
+        fusion_method("twin", "routing", twin),
+        fusion_method("twin_group", "routing", twin, group=True),
+        fusion_method("hc_arrow", "routing", hierarchical),
     ]
 }
 
 
-def build_fusion(ws: Workspace, name: str, *, seed: int = 0, **params: Any) -> Fusion:
-    """Build the named method with its defaults overridden by ``params``; one-line errors."""
-    if name not in FUSION_METHODS:
-        raise LorafuseError(f"unknown fusion method {name!r} (have: {', '.join(FUSION_METHODS)})")
-    spec = FUSION_METHODS[name]
-    allowed = set(inspect.signature(spec.build).parameters) - {"ws"}
-    unknown = set(params) - allowed
-    if unknown and spec.build is not static_merge:
-        raise LorafuseError(
-            f"{name}: unknown parameter(s) {', '.join(sorted(unknown))} "
-            f"(have: {', '.join(sorted(allowed - {'seed'}))})"
-        )
-    fusion = spec.build(ws, seed=seed, **{**spec.defaults, **params})
-    fusion.name = name if name != "merge" else fusion.name
-    return fusion
+register_fusion(FUSION_METHODS.values())  # this layer's own; ELREA's: lorafuse.methods
 
 
-__all__ = ["FUSION_METHODS", "FusionMethod", "build_fusion"]
+__all__ = [
+    "FUSION_METHODS",
+    "RECENT_MERGES",
+    "STATIC_MERGES",
+    "FusionMethod",
+    "build_fusion",
+]

@@ -22,7 +22,7 @@ from lorafuse.eval.run import (
     versions,
 )
 from lorafuse.fusion.base import evaluate
-from lorafuse.fusion.methods import build_fusion
+from lorafuse.fusion.methods import build_fusion  # registers this layer's methods
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter
 from lorafuse.tasks.example import ALL

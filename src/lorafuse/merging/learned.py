@@ -15,10 +15,10 @@ the module's layer's weights), which ``save_adapter`` writes as a PEFT adapter.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from lorafuse.core.states import StateCache, pad_states
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
 from lorafuse.merging.linear import concat_factors
-
-if TYPE_CHECKING:
-    from lorafuse.workspace import Workspace
 
 Objective = Literal["loss", "entropy"]
 
@@ -177,28 +174,28 @@ def search_coefficients(
 
 
 def learned_merge(
-    ws: Workspace,
+    model: torch.nn.Module,
+    experts: Sequence[LoraAdapter],
+    encoded: Sequence[Encoded],
+    cache: StateCache,
     *,
     per_layer: bool = False,
     objective: Objective = "loss",
     search: bool = False,
-    split: str = "val",
     steps: int = 40,
     lr: float = 0.1,
     seed: int = 0,
     progress: bool = True,
 ) -> LearnedCoefficients:
-    """Coefficients of the workspace's private experts, learned on ``split`` (gradient
-    descent, or LoRAHub search with ``search=True``, which is global and loss-only)."""
-    experts = list(ws.private.values())
-    encoded = ws.encoded(split)
+    """Coefficients of ``experts`` learned on ``encoded`` (gradient descent, or LoRAHub
+    search with ``search=True``, which is global and loss-only)."""
     if search:
-        return search_coefficients(ws.base.model, experts, encoded, ws.cache, progress=progress)
+        return search_coefficients(model, experts, encoded, cache, progress=progress)
     return learn_coefficients(
-        ws.base.model,
+        model,
         experts,
         encoded,
-        ws.cache,
+        cache,
         per_layer=per_layer,
         objective=objective,
         steps=steps,
@@ -209,24 +206,27 @@ def learned_merge(
 
 
 def save_learned_merge(
-    ws: Workspace, learned: LearnedCoefficients, out: str | Path, config: dict
+    learned: LearnedCoefficients,
+    experts: Mapping[str, LoraAdapter],
+    out: str | Path,
+    config: dict,
+    *,
+    base_model: str,
 ) -> Path:
-    """Write the exact merge as a PEFT adapter plus ``coefficients.json`` (atomically)."""
-    experts = list(ws.private)
+    """Write the exact merge of ``experts`` (name -> adapter) as a PEFT adapter plus
+    ``coefficients.json`` (atomically)."""
+    names = list(experts)
     card = (
-        f"# Learned merge of {len(experts)} experts\n\nMade with lorafuse: {config}\n\n"
+        f"# Learned merge of {len(names)} experts\n\nMade with lorafuse: {config}\n\n"
         "Coefficients (rows = layers when per layer): see `coefficients.json`.\n"
     )
     out = save_adapter(
-        out,
-        learned.to_factors(list(ws.private.values())),
-        base_model=ws.base.name,
-        readme=card,
+        out, learned.to_factors(list(experts.values())), base_model=base_model, readme=card
     )
     atomic_write_json(
         out / "coefficients.json",
         {
-            "experts": experts,
+            "experts": names,
             "layers": learned.layers,
             "coefficients": learned.coef.tolist(),
             "objective_history": learned.history,

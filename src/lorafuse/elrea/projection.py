@@ -1,0 +1,96 @@
+"""Steps 2 and 3 of an ELREA feature: Adam normalisation (LESS) of the flat LoRA gradient,
+then a seeded Johnson-Lindenstrauss projection generated block by block."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lorafuse.elrea.lora_grads import LoraLinear, _canonical
+from lorafuse.errors import LorafuseError
+
+PROJECTIONS = ("rademacher", "gaussian")
+MAX_DIM = 8192
+_BLOCK_ENTRIES = 1 << 24  # entries of one generated projection block (64 MB in fp32)
+
+
+def second_moment_vector(
+    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
+    linears: Sequence[LoraLinear],
+) -> torch.Tensor:
+    """The flat ``v`` (P,) in the column order of ``linears``.
+
+    ``adam_state`` maps parameter names (as in ``adapter_model.safetensors``, or with the
+    adapter name as in ``named_parameters``) to ``exp_avg_sq`` tensors, or to an optimizer's
+    per-parameter state dict holding ``"exp_avg_sq"``.
+    """
+    by_name = {_canonical(k): v for k, v in adam_state.items()}
+    parts = []
+    for lin in linears:
+        value = by_name.get(_canonical(lin.name))
+        if isinstance(value, Mapping):
+            value = value.get("exp_avg_sq")
+        if value is None:
+            raise LorafuseError(f"adam_state has no exp_avg_sq for {lin.name}")
+        if value.numel() != lin.numel:
+            raise LorafuseError(
+                f"adam_state[{lin.name}] has {value.numel()} entries, the weight {lin.numel}"
+            )
+        parts.append(value.detach().reshape(-1).float().cpu())
+    v = torch.cat(parts)
+    if (v < 0).any() or not torch.isfinite(v).all():
+        raise LorafuseError("adam_state exp_avg_sq must be finite and non-negative")
+    return v
+
+
+def adam_normalise(grads: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """LESS's Adam-preconditioned gradient ``g / (sqrt(v) + eps)`` (v broadcast over rows)."""
+    return grads / (v.to(grads.device, grads.dtype).sqrt() + eps)
+
+
+def _block_rows(dim: int) -> int:
+    return max(1, _BLOCK_ENTRIES // dim)
+
+
+_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float() * 2 - 1  # byte -> 8 ±1
+
+
+def projection_block(
+    seed: int, index: int, rows: int, dim: int, kind: str = "rademacher"
+) -> torch.Tensor:
+    """Rows ``[index*B, index*B + rows)`` of the (P, dim) projection matrix, unscaled.
+
+    Each block has its own generator seeded from ``(seed, index)``, so any block can be
+    made alone and the matrix does not depend on how the examples are batched.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+    if kind == "gaussian":
+        return torch.randn(rows, dim, generator=gen)
+    if kind != "rademacher":
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
+    total = rows * dim
+    octets = torch.randint(0, 256, ((total + 7) // 8,), generator=gen, dtype=torch.uint8)
+    signs = nn.functional.embedding(octets.long(), _SIGNS)  # 8 random signs per byte
+    return signs.reshape(-1)[:total].view(rows, dim)
+
+
+def project(
+    grads: torch.Tensor, dim: int = 1024, seed: int = 0, kind: str = "rademacher"
+) -> torch.Tensor:
+    """``grads (N, P) @ R / sqrt(dim)`` with R (P, dim) of i.i.d. ±1 or N(0, 1) entries.
+
+    ``E ||project(x)||^2 = ||x||^2`` and inner products are preserved up to
+    ``O(1/sqrt(dim))`` (Johnson-Lindenstrauss). R is generated block by block.
+    """
+    if not 1 <= dim <= MAX_DIM:
+        raise ValueError(f"dim must be in 1..{MAX_DIM}, got {dim}")
+    n, p = grads.shape
+    rows = _block_rows(dim)
+    out = grads.new_zeros(n, dim, dtype=torch.float32)
+    for index, start in enumerate(range(0, p, rows)):
+        stop = min(start + rows, p)
+        block = projection_block(seed, index, stop - start, dim, kind).to(grads.device)
+        out.addmm_(grads[:, start:stop].float(), block)
+    return out.mul_(dim**-0.5)

@@ -1,0 +1,101 @@
+"""eval.paired: Wilcoxon signed-rank and paired t-test across tasks, against hand computations
+(exact sign-flip enumeration, the t statistic from its formula), and Holm's adjustment."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lorafuse.eval.paired import (
+    NOT_DISTINGUISHABLE,
+    compare_pairs,
+    holm,
+    paired_table,
+    paired_test,
+    per_task_losses,
+)
+
+
+def exact_wilcoxon_p(d: np.ndarray) -> float:
+    """Two-sided exact p of the signed-rank statistic by enumerating all 2^n sign flips
+    (no zeros, no ties): P(|W+ - n(n+1)/4| >= observed)."""
+    ranks = stats.rankdata(np.abs(d))
+    centre = len(d) * (len(d) + 1) / 4
+    observed = abs(ranks[d > 0].sum() - centre)
+    flips = list(itertools.product([0, 1], repeat=len(d)))
+    extreme = sum(
+        abs(sum(r for r, s in zip(ranks, f, strict=True) if s) - centre) >= observed - 1e-12
+        for f in flips
+    )
+    return extreme / len(flips)
+
+
+def hand_t_p(d: np.ndarray) -> float:
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return 2 * stats.t.sf(abs(t), df=len(d) - 1)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 1.2, 2.9, 3.1, 4.0, 6.7]),
+        ([0.9, 1.1, 0.7, 1.5, 2.2, 0.4, 1.3], [1.0, 1.5, 1.35, 1.05, 2.5, 1.2, 1.05]),
+        ([2.0, 2.1, 2.3, 2.6, 3.0], [1.0, 1.2, 1.0, 1.1, 1.3]),  # all a > b: p = 2/32
+    ],
+)
+def test_paired_test_matches_hand_computation(a, b) -> None:
+    got = paired_test(a, b)
+    d = np.array(a) - np.array(b)
+    assert got["n"] == len(a)
+    assert got["mean_diff"] == pytest.approx(d.mean())
+    assert got["wilcoxon_p"] == pytest.approx(exact_wilcoxon_p(d), rel=1e-9)
+    assert got["ttest_p"] == pytest.approx(hand_t_p(d), rel=1e-9)
+
+
+def test_all_one_sign_gives_the_smallest_exact_p() -> None:
+    got = paired_test([2.0, 2.1, 2.3, 2.6, 3.0], [1.0, 1.2, 1.0, 1.1, 1.3])
+    assert got["wilcoxon_p"] == pytest.approx(2 / 2**5)
+
+
+def test_degenerate_samples() -> None:
+    assert paired_test([1.0], [2.0])["wilcoxon_p"] is None
+    same = paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same["wilcoxon_p"] == 1.0 and same["ttest_p"] == 1.0 and same["mean_diff"] == 0
+    with pytest.raises(ValueError, match="one length"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+def test_holm_by_hand() -> None:
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(.03, 2*.03), max(.06, 1*.04)
+    assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_compare_pairs_verdicts_and_report_rows() -> None:
+    tasks = [f"t{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1, 2, len(tasks))
+    summaries = {
+        "good": {"tasks": {t: {"loss": base[i] - 0.5 - 0.01 * i} for i, t in enumerate(tasks)}},
+        "bad": {"tasks": {t: {"loss": v} for t, v in zip(tasks, base, strict=True)}},
+        "noise": {
+            "tasks": {
+                t: {"loss": v + s} for t, v, s in zip(tasks, base, [0.1, -0.1] * 4, strict=True)
+            }
+        },
+    }
+    losses = per_task_losses(summaries)
+    pairs = [("x", "good", "bad"), ("y", "noise", "bad"), ("z", "good", "absent")]
+    tests = compare_pairs(losses, pairs)
+    assert [t["claim"] for t in tests] == ["x", "y"]  # rows not run are left out
+    x, y = tests
+    assert x["wilcoxon_p"] == pytest.approx(2 / 2**8)
+    assert x["holm_p"] == pytest.approx(min(1, 2 * x["wilcoxon_p"]))
+    assert x["verdict"] == "good lower"
+    assert y["verdict"] == NOT_DISTINGUISHABLE and y["holm_p"] > 0.05
+    table = paired_table(tests)
+    assert table.count("\n") == 3 and "good lower" in table and NOT_DISTINGUISHABLE in table
