@@ -139,8 +139,9 @@ def map_in_order(
     try:
         with (
             blas_limit(1),
-            ThreadPoolExecutor(n, thread_name_prefix="lorafuse-merge", initializer=_one_torch_thread)
-            as pool,
+            ThreadPoolExecutor(
+                n, thread_name_prefix="lorafuse-merge", initializer=_one_torch_thread
+            ) as pool,
         ):
             yield from _in_order(functools.partial(pool.submit, fn), items, cost, budget, limit)
     finally:  # the workers' set_num_threads(1) also changed the default of new threads
