@@ -169,3 +169,24 @@ def test_thread_limits_are_restored() -> None:
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="positive"):
         list(map_in_order(_slow_square, range(2), 0))
+
+
+@pytest.mark.parametrize(("method", "params"), [c for c in CASES[:5] if c[0] != "linear"])
+@pytest.mark.parametrize("density", [None, 1.0])
+def test_overwriting_the_stack_gives_the_same_result(
+    method: str, params: dict[str, Any], density: float | None
+) -> None:
+    """What merge does to save a stack of deltas per module (``overwrite=True``) changes
+    nothing in the result."""
+    spec = get_method(method)
+    assert spec.overwrites
+    kwargs = {k: v for k, v in params.items() if k in ("density", "seed")}
+    if density is not None:
+        kwargs["density"] = density
+    stack = torch.stack([a.factors("layers.0.up_proj").delta() for a in ADAPTERS])
+    weights = [0.3, 1.0, -0.5, 0.7, 0.2]
+    copying = spec.fn(stack.clone(), weights, **kwargs)
+    scratch = stack.clone()
+    assert torch.equal(spec.fn(scratch, weights, overwrite=True, **kwargs), copying)
+    assert torch.equal(spec.fn(stack, weights, **kwargs), copying)  # and kept stack intact
+    assert torch.equal(spec.fn(stack, weights, **kwargs), copying)

@@ -172,7 +172,9 @@ def merge_module(
         if rank is not None and rank < result.rank:
             result = compress_factors(result, rank)
         return result
-    deltas = stack_deltas(parts, buffer)
+    deltas = stack_deltas(parts, buffer)  # ours: the method may overwrite it
+    if method.overwrites:
+        kwargs["overwrite"] = True
     dense = method.fn(deltas, list(weights), **kwargs)
     del deltas
     if rank is None:
