@@ -147,7 +147,8 @@ def test_map_in_order_workers_are_single_threaded() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_map_in_order_raises_at_the_failing_item() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_map_in_order_raises_at_the_failing_item(threads: int) -> None:
     def fail_at_3(i: int) -> int:
         if i == 3:
             raise RuntimeError("item 3")
@@ -155,7 +156,7 @@ def test_map_in_order_raises_at_the_failing_item() -> None:
 
     got = []
     with pytest.raises(RuntimeError, match="item 3"):
-        for value in map_in_order(fail_at_3, range(10), 2):
+        for value in map_in_order(fail_at_3, range(10), threads):
             got.append(value)
     assert got == [0, 1, 2]
 

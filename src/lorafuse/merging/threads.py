@@ -132,7 +132,7 @@ def map_in_order(
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     if n == 1:
         with single_threaded():
-            yield from _in_order(lambda item: _done(fn(item)), items, cost, budget, 1)
+            yield from _in_order(functools.partial(_run_now, fn), items, cost, budget, 1)
         return
     limit = max_in_flight or 2 * n
     before = torch.get_num_threads()
@@ -148,9 +148,13 @@ def map_in_order(
         torch.set_num_threads(before)
 
 
-def _done(value: R) -> Future[R]:
+def _run_now(fn: Callable[[T], R], item: T) -> Future[R]:
+    """``fn(item)`` run here, as a finished future (an exception is raised at its turn)."""
     future: Future[R] = Future()
-    future.set_result(value)
+    try:
+        future.set_result(fn(item))
+    except Exception as exc:  # noqa: BLE001 - handed over like a pool's future
+        future.set_exception(exc)
     return future
 
 
