@@ -6,6 +6,7 @@ Run::
     .venv/bin/python benchmarks/bench_merge.py   # all pairs: about 5 minutes on 2 cores
     .venv/bin/python benchmarks/bench_merge.py --quick   # linear (r16, r64) and ties: ~2.5 min
     .venv/bin/python benchmarks/bench_merge.py --threads 1 --clock cpu   # on a busy machine
+    .venv/bin/python benchmarks/bench_merge.py --methods ties,dare_ties  # some pairs only
 
 Target: lorafuse is at least 3x faster than PEFT's ``svd`` / ``ties_svd`` at the same output
 rank, with equal or lower reconstruction error.
@@ -40,11 +41,10 @@ Measured per pair, printed in this order (ratio = PEFT / lorafuse, so > 1 favour
   ``svd="gram"``: the exact top-r singular triplets from the eigendecomposition of the
   smaller Gram matrix in float64 (same truncation as the full SVD to rounding: the error
   lines show it), and linear compresses in factor space without a dense matrix.
-* memory: peak RSS above the pre-call baseline during each side's first timed call, sampled every
-  5 ms by a background thread (tracemalloc does not see torch allocations). glibc is told to
-  serve blocks >= 128 KiB by mmap and the heap is trimmed before the baseline, so freed
-  tensors leave the RSS. Peaks shorter than 5 ms can be missed; the lorafuse denominator of
-  the ratio is floored at ``MIN_MB``.
+* memory: peak RSS above the pre-call baseline during each side's first timed call
+  (``peak_memory.peak_rss``: the kernel's high-water mark, or 5 ms samples where that cannot
+  be reset; tracemalloc does not see torch allocations); the lorafuse denominator of the
+  ratio is floored at ``MIN_MB``.
 * error: relative Frobenius error over all modules, ``sqrt(sum_m |ref_m - approx_m|^2) /
   sqrt(sum_m |ref_m|^2)``, against the full-rank result of the same math. Dense results are
   recorded during the last timed call (the input of the final SVD on each side); linear's is
@@ -52,24 +52,25 @@ Measured per pair, printed in this order (ratio = PEFT / lorafuse, so > 1 favour
   reference is lorafuse's uncompressed result (PEFT's own is checked to equal it). For DARE each
   side is compared with its own uncompressed result, since the random masks differ.
 
-``--threads`` defaults to 2; it sets torch's thread count, which lorafuse also applies to the
-BLAS/LAPACK under NumPy and SciPy (its Gram SVD). On a machine whose cores are busy with other
-work, OpenMP threads that spin-wait for each other can make small ops 10-100x slower; use
-``--threads 1`` there (a warning is printed when the load average exceeds the core count).
+Each pair runs twice in one run: at ``--threads`` (default: torch's thread count, the
+cores), then at 1 thread, whose lines end in ``_threads1``; PEFT gets the same torch thread
+count, and lorafuse's ``merge`` uses it as its number of concurrent modules (each module on
+one thread; its results do not depend on it). On a machine whose cores are busy with other
+work, PEFT's OpenMP threads that spin-wait for each other can make small ops 10-100x slower
+(a warning is printed when the load average exceeds the core count); compare the
+``_threads1`` lines there. Last, ``peak_memory.py``'s lines: the peak memory of a TIES merge
+of K=48 synthetic experts, in modules' stacked deltas (``--no-memory`` skips them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import importlib
 import math
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -79,10 +80,12 @@ from typing import Any, cast
 
 import peft.tuners.lora.model as peft_lora_model
 import torch
+from peak_memory import configure_malloc, peak_rss, report_merge_peak
 from peft import PeftModel
 
 from lorafuse.library import LoraAdapter, LoraFactors, open_library
 from lorafuse.merging import get_method, merge
+from lorafuse.merging.merge import module_seed
 from lorafuse.models import load_base_model
 
 LIBRARY = Path(__file__).resolve().parents[1] / "src" / "lorafuse" / "data" / "default_library"
@@ -90,9 +93,7 @@ DENSITY = 0.5
 SLOW_S = 5.0  # a first timed call slower than this gets 2 timed repeats instead of 3
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # set by --clock
-SAMPLE_S = 0.005
 MIN_MB = 0.1
-MB = 2**20
 # the module: attribute access ``lorafuse.merging.merge`` gives the re-exported function
 lorafuse_merge = importlib.import_module("lorafuse.merging.merge")
 PEFT_FUNCS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -158,64 +159,6 @@ def load_peft_model(base_model: torch.nn.Module, adapters: dict[str, LoraAdapter
 
 
 # ----------------------------------------------------------------------------- measuring
-def configure_malloc() -> None:
-    """Serve blocks >= 128 KiB by mmap (fixed threshold), so freed tensors leave the RSS."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it stops dynamic growth)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-
-
-def release_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def rss_reader() -> Callable[[], int]:
-    """A function returning this process's resident set size in bytes (psutil or /proc)."""
-    try:
-        import psutil
-    except ImportError:
-        page = os.sysconf("SC_PAGE_SIZE")
-
-        def from_proc() -> int:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * page
-
-        return from_proc
-    process = psutil.Process()
-    return lambda: int(process.memory_info().rss)
-
-
-RSS = rss_reader()
-
-
-@contextlib.contextmanager
-def peak_rss() -> Iterator[list[float]]:
-    """Yields a one-element list that holds, on exit, the peak RSS above the baseline in MB."""
-    release_memory()
-    baseline = RSS()
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], RSS())
-            stop.wait(SAMPLE_S)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    out = [0.0]
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], RSS())
-        out[0] = max(peak[0] - baseline, 0) / MB
-
-
 @contextlib.contextmanager
 def patched(owner: Any, attr: str, replacement: Any) -> Iterator[None]:
     """Temporarily set ``owner.attr`` (a module global or an instance attribute)."""
@@ -312,20 +255,22 @@ class LorafuseRunner:
         )
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Record the dense delta each module hands to ``compress_dense`` (dense methods)."""
-        seen: list[torch.Tensor] = []
+    def recording(self, pair: Pair) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the dense delta each module hands to ``compress_dense`` (dense methods),
+        told apart by the per-module seed it gets (modules finish in any order)."""
+        seen: dict[int, torch.Tensor] = {}
         compress = lorafuse_merge.compress_dense
 
-        def keep(delta: torch.Tensor, *args: Any, **kwargs: Any) -> LoraFactors:
-            seen.append(delta)
-            return compress(delta, *args, **kwargs)
+        def keep(delta: torch.Tensor, *args: Any, seed: int = 0, **kwargs: Any) -> LoraFactors:
+            seen[seed] = delta  # dict item assignment is atomic
+            return compress(delta, *args, seed=seed, **kwargs)
 
         recorded: dict[str, torch.Tensor] = {}
         with patched(lorafuse_merge, "compress_dense", keep):
             yield recorded
         if seen:
-            recorded.update(zip(self.modules, seen, strict=True))
+            seed = pair.params.get("seed", 0)
+            recorded.update({m: seen[module_seed(seed, m)] for m in self.modules})
 
     def reference(self, pair: Pair, weights: list[float]) -> dict[str, torch.Tensor]:
         """A factor-space method's exact result per module (cheap: B @ A per module)."""
@@ -404,7 +349,11 @@ def run_pair(pair: Pair, lorafuse: LorafuseRunner, peft: PeftRunner) -> Result:
     log(f"{pair.name} ...")
     lf, pf = measure(
         [
-            Side(lambda: lorafuse.call(pair, weights), lambda _: None, lorafuse.recording),
+            Side(
+                lambda: lorafuse.call(pair, weights),
+                lambda _: None,
+                lambda: lorafuse.recording(pair),
+            ),
             Side(lambda: peft.call(pair, weights), peft.delete, peft.recording),
         ]
     )
@@ -446,15 +395,22 @@ def ratio(peft_value: float, lf_value: float, floor: float = 1e-9) -> float:
     return peft_value / max(lf_value, floor)
 
 
-def report(results: Sequence[Result]) -> None:
-    for r in results:
-        speed = ratio(r.peft_s, r.lf_s)
-        print(f"{r.pair.name}: ratio={speed:.2f} ({r.lf_s:.2f} s vs {r.peft_s:.2f} s)")
-    for r in results:
-        mem = ratio(r.peft_mb, r.lf_mb, MIN_MB)
-        print(f"mem_{r.pair.name}: ratio={mem:.2f} ({r.lf_mb:.1f} MB vs {r.peft_mb:.1f} MB)")
-    for r in results:
-        print(f"err_{r.pair.name}: lorafuse_err={r.lf_err:.4e} peft_err={r.peft_err:.4e}")
+def report(runs: Sequence[tuple[str, Sequence[Result]]]) -> None:
+    """Each run's lines (names end with the run's suffix): times, then memory, then errors."""
+    for suffix, results in runs:
+        for r in results:
+            speed = ratio(r.peft_s, r.lf_s)
+            name = r.pair.name + suffix
+            print(f"{name}: ratio={speed:.2f} ({r.lf_s:.2f} s vs {r.peft_s:.2f} s)")
+    for suffix, results in runs:
+        for r in results:
+            mem = ratio(r.peft_mb, r.lf_mb, MIN_MB)
+            name = r.pair.name + suffix
+            print(f"mem_{name}: ratio={mem:.2f} ({r.lf_mb:.1f} MB vs {r.peft_mb:.1f} MB)")
+    for suffix, results in runs:
+        for r in results:
+            name = r.pair.name + suffix
+            print(f"err_{name}: lorafuse_err={r.lf_err:.4e} peft_err={r.peft_err:.4e}")
 
 
 def warn_if_busy(threads: int) -> None:
@@ -471,7 +427,17 @@ def warn_if_busy(threads: int) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only linear and ties")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated lorafuse methods to run (default all)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help=f"threads of the first run (default torch's: {torch.get_num_threads()}); a "
+        "second run at 1 thread follows, its lines suffixed _threads1",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the K=48 peak-memory lines")
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -488,24 +454,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     CLOCK = CLOCKS[args.clock]
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     configure_malloc()
-    torch.set_num_threads(args.threads)
     warn_if_busy(args.threads)
     pairs = [p for p in PAIRS if not args.quick or p.method in QUICK_METHODS]
+    if args.methods:
+        pairs = [p for p in pairs if p.method in args.methods.split(",")]
 
     base = load_base_model()
     _, library = open_library(LIBRARY, kinds={"private"})
     adapters = [InMemoryAdapter(a) for a in library.values()]
     lorafuse = LorafuseRunner(adapters)
     peft = PeftRunner(load_peft_model(base.model, library), list(library))
-    log(
-        f"{len(adapters)} experts, {len(lorafuse.modules)} modules, {args.threads} threads, "
-        f"{args.clock} clock"
-    )
-
-    with torch.no_grad():
-        warm_up(lorafuse, peft)
-        results = [run_pair(pair, lorafuse, peft) for pair in pairs]
-    report(results)
+    runs: list[tuple[str, list[Result]]] = []
+    for threads in dict.fromkeys((args.threads, 1)):  # the second run only if not 1 already
+        torch.set_num_threads(threads)  # PEFT's threads; lorafuse's merge follows torch's
+        suffix = "" if threads == args.threads else f"_threads{threads}"
+        log(
+            f"{len(adapters)} experts, {len(lorafuse.modules)} modules, {threads} threads, "
+            f"{args.clock} clock"
+        )
+        with torch.no_grad():
+            warm_up(lorafuse, peft)
+            runs.append((suffix, [run_pair(pair, lorafuse, peft) for pair in pairs]))
+    report(runs)
+    if not args.no_memory:
+        torch.set_num_threads(args.threads)
+        report_merge_peak(args.threads)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from lorafuse.merging.dense_methods import (
     random_drop,
 )
 from lorafuse.merging.factor_methods import lowrank_average
-from lorafuse.merging.merge import Workspace, stack_deltas
+from lorafuse.merging.merge import DeltaBuffer, stack_deltas
 from lorafuse.merging.registry import DenseParams, MergeParams
 from lorafuse.merging.svd import gram_svd
 
@@ -231,13 +231,13 @@ def test_dense_methods_equal_peft_bitwise_on_stacks(ties: bool, sign: str) -> No
 def test_stack_deltas_equals_delta() -> None:
     parts = [random_factors(r, s, seed) for r, s, seed in ((2, 0.5, 1), (3, 2.0, 2))]
     assert torch.equal(stack_deltas(parts), torch.stack([p.delta() for p in parts]))
-    # on a workspace reused across shapes: same values, one buffer grown to the largest
-    workspace = Workspace()
+    # on a buffer reused across shapes: same values, one buffer grown to the largest
+    buffer = DeltaBuffer()
     small = [random_factors(2, 1.5, seed, d_out=4, d_in=3) for seed in (5, 6)]
     for group in (parts, small, parts):
-        got = stack_deltas(group, workspace)
+        got = stack_deltas(group, buffer)
         assert torch.equal(got, torch.stack([p.delta() for p in group]))
-    assert got.untyped_storage().data_ptr() == stack_deltas(small, workspace).data_ptr()
+    assert got.untyped_storage().data_ptr() == stack_deltas(small, buffer).data_ptr()
     with pytest.raises(ValueError, match="shape"):
         stack_deltas([parts[0], random_factors(2, 1.0, 3, d_out=5)])
 

@@ -200,13 +200,16 @@ def generalized_task_arithmetic(
     combine: Combine = "sum",
     scale: float = 1.0,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """sparsify -> optional sign consensus -> combine, times ``scale`` (see the module doc).
 
     ``deltas`` are the experts' dense deltas of one module, as a sequence of K ``(d_out,
     d_in)`` tensors or one ``(K, d_out, d_in)`` stack (the driver passes a stack, which saves
-    a copy); they are not modified. ``seed`` seeds the random drop (one generator, experts
-    drawn in order), unused otherwise.
+    a copy); they are not modified, unless ``overwrite`` lets a stack serve as the scratch
+    memory (the driver's, which it overwrites anyway: that saves a second stack, so one
+    module's merge holds one stack of deltas). ``seed`` seeds the random drop (one generator,
+    experts drawn in order), unused otherwise. The result does not depend on ``overwrite``.
     """
     if len(deltas) == 0:
         raise ValueError("no deltas to merge")
@@ -225,8 +228,9 @@ def generalized_task_arithmetic(
     # the steps go expert by expert with one-expert scratch buffers. Masks are 0/1 floats:
     # multiplying by them is what PEFT does with its masks (same values, bit for bit), and
     # float compares and products are faster than bool ones.
-    owned = not isinstance(deltas, torch.Tensor)
-    x = torch.stack(list(deltas)) if owned else deltas
+    stacked = isinstance(deltas, torch.Tensor)
+    owned = overwrite or not stacked
+    x = deltas if stacked else torch.stack(list(deltas))
     n_experts, n = x.shape[0], x[0].numel()
     w = torch.tensor(list(weights), dtype=x.dtype, device=x.device)
     row = torch.empty(n, dtype=x.dtype, device=x.device)  # scratch, one expert

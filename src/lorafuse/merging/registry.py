@@ -161,6 +161,8 @@ class MergeMethod:
     the next module) and ``params`` are the fields of
     ``params`` minus ``rank``/``svd``/``svd_niter``.
     ``default_weights`` is what ``weights=None`` means: ``"mean"`` (1/K each) or ``"ones"``.
+    ``overwrites``: a dense ``fn`` that takes ``overwrite=True``, letting it use ``deltas`` as
+    scratch memory (the driver passes it: one stack of deltas per module instead of two).
     """
 
     name: str
@@ -170,6 +172,7 @@ class MergeMethod:
     url: str
     params: type[MergeParams]
     default_weights: Literal["mean", "ones"] = "mean"
+    overwrites: bool = False
 
     def parse_params(self, params: Mapping[str, Any]) -> MergeParams:
         """Validate ``params``; any problem is a one-line ``LorafuseError``."""
@@ -270,6 +273,7 @@ register(
         url=_TIES_URL,
         params=TiesParams,
         default_weights="ones",
+        overwrites=True,
     )
 )
 register(
@@ -282,6 +286,7 @@ register(
         summary="DARE: random drop with prob 1-density, rescale by 1/density, weighted sum",
         url=_DARE_URL,
         params=SparseParams,
+        overwrites=True,
     )
 )
 register(
@@ -298,6 +303,7 @@ register(
         url=_DARE_URL,
         params=TiesParams,
         default_weights="ones",
+        overwrites=True,
     )
 )
 register(
@@ -310,6 +316,7 @@ register(
         summary="magnitude-prune each expert to density, then weighted sum (PEFT)",
         url=_TIES_URL,
         params=SparseParams,
+        overwrites=True,
     )
 )
 

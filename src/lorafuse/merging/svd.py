@@ -19,15 +19,14 @@ product and only makes sense for PEFT's particular split.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
-from typing import Any, Literal
+import threading
+from typing import Literal
 
 import scipy.linalg
 import torch
 
 from lorafuse.library import LoraFactors
+from lorafuse.merging.threads import blas_limit
 
 __all__ = ["SVD_ALGORITHMS", "compress_dense", "compress_factors", "factor_svd", "gram_svd"]
 
@@ -35,6 +34,8 @@ SvdAlgorithm = Literal["gram", "full", "randomized"]
 SVD_ALGORITHMS: tuple[str, ...] = ("gram", "full", "randomized")
 
 _OVERSAMPLE = 10  # extra columns for the randomized range finder (Halko et al. 2011)
+# torch.svd_lowrank draws from the global RNG: one seeded draw at a time across threads
+_GLOBAL_RNG = threading.Lock()
 
 
 def factor_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +94,7 @@ def gram_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     k = min(rank, short)
     if m.device.type == "cpu":
         a = m.numpy()
-        with _blas_threads(torch.get_num_threads()):
+        with blas_limit(torch.get_num_threads()):
             gram = a.T @ a  # numpy runs A^T A as a symmetric rank-k update (syrk)
             _, vecs = scipy.linalg.eigh(
                 gram, subset_by_index=[short - k, short - 1], driver="evr", check_finite=False
@@ -108,27 +109,6 @@ def gram_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     if tall:  # M = U S V^T
         return u, s, v.T
     return v, s, u.T  # M^T = U' S V'^T  ->  M = V' S U'^T
-
-
-@functools.cache
-def _threadpool_controller() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # an optional nicety: then BLAS keeps its own thread count
-        return None
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
-    """NumPy's and SciPy's BLAS/LAPACK limited to ``n`` threads, torch's count (so
-    ``torch.set_num_threads`` governs the whole merge; threadpoolctl, where installed)."""
-    controller = _threadpool_controller()
-    if controller is None:
-        yield
-        return
-    with controller.limit(limits=n, user_api="blas"):
-        yield
 
 
 def compress_dense(
@@ -157,7 +137,7 @@ def compress_dense(
     elif svd == "randomized":
         q = min(k + _OVERSAMPLE, *delta.shape)
         devices = [delta.device] if delta.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
         vh = v.T
