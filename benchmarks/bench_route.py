@@ -250,20 +250,20 @@ def section_topk(s: Setup, args: argparse.Namespace, library: dict[int, list]) -
     """Per-example top-2 at K = 8, 48, 256 vs static; sparse vs dense masked; per token."""
     static = static_model(s)
     gen = torch.Generator().manual_seed(args.seed)
+    tops = {k: top_k_select(torch.randn(BATCH, k, generator=gen), 2) for k in library}
     for k, experts in library.items():
-        top = top_k_select(torch.randn(BATCH, k, generator=gen), 2)
         mixer = BatchMixer()
         with mixture_of_loras(s.model, experts, mixer):
-            mixer.current = top
+            mixer.current = tops[k]
             t_static, t_routed = timed_pair(lambda: s.forward(static), s.forward, args.repeats)
-            print(
-                ratio_line(f"route_top2_k{k}_vs_static", t_static, t_routed)
-                + "  (target >= 0.77, i.e. routed <= 1.3x static)",
-                flush=True,
-            )
-            if k > 48:
-                continue
-            sparse_out = s.forward()
+        print(
+            ratio_line(f"route_top2_k{k}_vs_static", t_static, t_routed)
+            + "  (target >= 0.77, i.e. routed <= 1.3x static)",
+            flush=True,
+        )
+    for k in (8, 48):
+        top, mixer = tops[k], BatchMixer()
+        with mixture_of_loras(s.model, library[k], mixer):
 
             def dense(top=top, mixer=mixer) -> torch.Tensor:
                 mixer.current = top.dense()  # all K experts, zero weight outside the top-2
@@ -273,7 +273,7 @@ def section_topk(s: Setup, args: argparse.Namespace, library: dict[int, list]) -
                 mixer.current = top
                 return s.forward()
 
-            diff = (dense() - sparse_out).abs().max().item()
+            diff = (dense() - sparse()).abs().max().item()
             t_dense, t_sparse = timed_pair(dense, sparse, args.repeats)
             print(f"check: K={k} top-2 sparse vs dense masked logits max |diff| = {diff:.2e}")
             print(ratio_line(f"route_top2_k{k}_sparse_vs_dense", t_dense, t_sparse), flush=True)
@@ -332,11 +332,12 @@ def main() -> None:
         library[48] = synthetic_experts(s.experts, 48, args.seed)
     if "base" in sections:
         section_base(s, args)
-    if "soft" in sections:
-        section_soft(s, args, library[48])
     if "topk" in sections:
         library[256] = synthetic_experts(s.experts, 256, args.seed + 1)
         section_topk(s, args, library)
+        del library[256]
+    if "soft" in sections:
+        section_soft(s, args, library[48])
 
 
 if __name__ == "__main__":
