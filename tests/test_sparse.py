@@ -69,10 +69,10 @@ def test_top_k_forms() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, -2.0, 4.0, 0.0]])
     top = top_k_select(logits, 2, temperature=0.5)
     torch.testing.assert_close(top.dense(), top_k_softmax(logits, 2, 0.5))
-    w = torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.2, 0.0]])
-    kept = top_k_of_weights(w, 2)
-    torch.testing.assert_close(kept.dense(), torch.tensor([[0.0, 2 / 3, 1 / 3], [0.1, 0.1, 0]]))
-    assert kept.dense().sum(-1).tolist() == pytest.approx([1.0, 0.4])
+    w = torch.tensor([[0.1, 0.6, 0.3], [0.3, 0.1, 0.2]])
+    kept = top_k_of_weights(w, 2)  # renormalised to each row's original sum (1.0, 0.6)
+    want = torch.tensor([[0.0, 0.6 / 0.9, 0.3 / 0.9], [0.3 * 1.2, 0.0, 0.2 * 1.2]])
+    torch.testing.assert_close(kept.dense(), want)
     assert dense_weights(w) is w
 
 
