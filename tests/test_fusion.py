@@ -12,6 +12,7 @@ from peft import PeftModel
 from lorafuse.core.encode import Encoded, collate
 from lorafuse.core.forward import lower_states, run_layers, target_logits
 from lorafuse.core.mixture import BatchMixer, ConstantMixer, FactorSet, mixture_of_loras
+from lorafuse.core.sparse import dense_weights
 from lorafuse.fusion.base import Ensemble, Fusion, installed, prompt_mean
 from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, delta_cosines, factor_inner
@@ -80,7 +81,7 @@ def test_arrow_routes_each_token_to_the_best_aligned_experts(tiny_llama, tiny_ex
     with mixture_of_loras(tiny_llama, tiny_experts, router) as layers:
         module = next(iter(layers.values()))
         x = torch.randn(2, 5, module.A.shape[-1])
-        w = router.weights(module, x)
+        w = dense_weights(router.weights(module, x))  # a TopK: top-1 of 3
         protos = arrow_prototypes(module)
     assert w.shape == (2, 5, 3)
     best = (x @ protos.T).abs().argmax(-1)

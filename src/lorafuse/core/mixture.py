@@ -6,6 +6,9 @@ per layer), routing (``a`` per example or per token, from a router). The experts
 are stacked (ranks zero-padded to the largest, scalings folded into B) and applied with
 two GEMMs (into all K rank spaces, weighted, back onto the base output), so a batch whose
 items want different mixes is one batched computation and no merged weight is ever formed.
+A mixer that keeps only k of the K experts returns a :class:`~lorafuse.core.sparse.TopK`;
+with ``sparse=True`` (the default) only those experts are computed (see core/sparse.py),
+with ``sparse=False`` it is run as the dense masked mixture (zero weight elsewhere).
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lorafuse.core.sparse import TopK, sparse_mixture
 from lorafuse.library import LoraFactors
+
+Weights = torch.Tensor | TopK  # dense (..., K) mixing weights or the selected top-k
 
 
 class Mixer(Protocol):
     """Gives the mixing weights of one adapted module for its input ``x`` (B, T, d_in):
-    shape (K,), (B, K) or (B, T, K). ``module`` carries ``name``, ``layer``, ``A``, ``B``."""
+    shape (K,), (B, K) or (B, T, K), or a :class:`TopK` of the same granularities.
+    ``module`` carries ``name``, ``layer``, ``A``, ``B``."""
 
-    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor: ...
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights: ...
 
 
 class FactorSource(Protocol):
@@ -69,7 +76,8 @@ class MixtureLinear(nn.Module):
     """A frozen ``nn.Linear`` plus K LoRA experts mixed by weights from a shared mixer.
 
     ``shared`` (optional) is a delta everyone gets (Twin-Merging's shared merge): it is folded
-    into a copy of the base weight, so it costs nothing per token.
+    into a copy of the base weight, so it costs nothing per token. ``sparse``: run
+    :class:`TopK` weights on the selected experts only (else as dense masked weights).
     """
 
     def __init__(
@@ -79,8 +87,10 @@ class MixtureLinear(nn.Module):
         name: str,
         mixer: Mixer,
         shared: LoraFactors | None = None,
+        sparse: bool = True,
     ) -> None:
         super().__init__()
+        self.sparse = sparse
         if shared is not None:
             folded = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
             folded = folded.to(base.weight.device, base.weight.dtype).requires_grad_(False)
@@ -95,19 +105,35 @@ class MixtureLinear(nn.Module):
         A, B = stack_factors(factors)
         device, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("A", A.to(device, dtype), persistent=False)
-        self.register_buffer("B", B.to(device, dtype), persistent=False)
-        # the same factors laid out for two plain GEMMs: (d_in, K*r) and (K*r, d_out)
+        # the same factors laid out for two plain GEMMs: (d_in, K*r) and (K*r, d_out); B is
+        # kept only in the second layout (``B`` and ``Bk`` are views of it)
         self.register_buffer(
             "At", self.A.permute(2, 0, 1).reshape(A.shape[2], -1).contiguous(), persistent=False
         )
         self.register_buffer(
-            "Bt", self.B.permute(0, 2, 1).reshape(-1, B.shape[1]).contiguous(), persistent=False
+            "Bt",
+            B.to(device, dtype).permute(0, 2, 1).reshape(-1, B.shape[1]).contiguous(),
+            persistent=False,
         )
         self.mixer = mixer  # a plain attribute: shared by all layers, not a submodule
+
+    @property
+    def Bk(self) -> torch.Tensor:
+        """(K, r, d_out): each expert's scaled B, transposed (a view of ``Bt``)."""
+        return self.Bt.view(self.A.shape[0], self.A.shape[1], -1)
+
+    @property
+    def B(self) -> torch.Tensor:
+        """(K, d_out, r): each expert's scaled B (a view of ``Bt``)."""
+        return self.Bk.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.mixer.weights(self, x)
         out = self.base(x)
+        if isinstance(a, TopK):
+            if self.sparse:
+                return sparse_mixture(x, out, self.A, self.Bk, a)
+            a = a.dense()
         if getattr(self.mixer, "one_per_item", False) and a.dim() == 2 and x.dim() == 3:
             return self._one_expert_per_item(x, a, out)
         k, r = self.A.shape[:2]
@@ -128,7 +154,7 @@ class MixtureLinear(nn.Module):
         idx = a.abs().argmax(-1)  # (B,)
         coef = a.gather(1, idx[:, None])[:, :, None]  # (B, 1, 1); 0 for an item with no expert
         h = torch.bmm(x, self.A[idx].transpose(1, 2)) * coef  # (B, T, r)
-        return torch.baddbmm(out, h, self.B[idx].transpose(1, 2))
+        return torch.baddbmm(out, h, self.Bk[idx])
 
 
 def _broadcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -153,11 +179,13 @@ def mixture_of_loras(
     adapters: Sequence[FactorSource],
     mixer: Mixer,
     shared: FactorSource | None = None,
+    sparse: bool = True,
 ) -> Iterator[dict[str, MixtureLinear]]:
     """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit.
 
     The modules are those of the first source; every source must have them all. ``shared``
-    is added for every input (folded into the weights, see :class:`MixtureLinear`).
+    is added for every input (folded into the weights, see :class:`MixtureLinear`);
+    ``sparse``: top-k weights computed on the selected experts only.
     """
     swapped: dict[str, tuple[nn.Module, str, nn.Module]] = {}
     layers: dict[str, MixtureLinear] = {}
@@ -168,7 +196,7 @@ def mixture_of_loras(
             original = getattr(parent, child)
             factors = [a.factors(module) for a in adapters]
             common = shared.factors(module) if shared is not None else None
-            layers[module] = MixtureLinear(original, factors, module, mixer, common)
+            layers[module] = MixtureLinear(original, factors, module, mixer, common, sparse)
             swapped[module] = (parent, child, original)
             setattr(parent, child, layers[module])
         yield layers
@@ -197,7 +225,8 @@ class ConstantMixer(nn.Module):
 
 
 class BatchMixer:
-    """Weights set per batch by the caller (a router): (B, K) or (B, T, K), or per layer.
+    """Weights set per batch by the caller (a router): (B, K) or (B, T, K), or per layer,
+    dense or :class:`TopK`.
 
     Setting ``current`` also decides, once per batch rather than in every layer, whether
     each item uses at most one expert (``one_per_item``: hard routing, replicated
@@ -205,15 +234,15 @@ class BatchMixer:
     """
 
     def __init__(self) -> None:
-        self._current: torch.Tensor | dict[int, torch.Tensor] | None = None
+        self._current: Weights | dict[int, Weights] | None = None
         self.one_per_item = False
 
     @property
-    def current(self) -> torch.Tensor | dict[int, torch.Tensor] | None:
+    def current(self) -> Weights | dict[int, Weights] | None:
         return self._current
 
     @current.setter
-    def current(self, value: torch.Tensor | dict[int, torch.Tensor] | None) -> None:
+    def current(self, value: Weights | dict[int, Weights] | None) -> None:
         self._current = value
         self.one_per_item = (
             isinstance(value, torch.Tensor)
@@ -221,7 +250,7 @@ class BatchMixer:
             and bool(((value != 0).sum(-1) <= 1).all())
         )
 
-    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights:
         if self.current is None:
             raise RuntimeError("BatchMixer: no weights set for this batch")
         if isinstance(self.current, dict):

@@ -55,6 +55,7 @@ class Fusion:
     ensemble: Ensemble | None = None
     shared: FactorSource | None = None  # a delta for every input, folded into the weights
     prepare: Callable[[Sequence[Encoded]], None] | None = None  # sees the inputs first
+    sparse: bool = True  # top-k weights: compute the selected experts only (False: dense)
     info: dict = field(default_factory=dict)  # parameters, training time, weights
 
 
@@ -62,7 +63,10 @@ class Fusion:
 def installed(model: nn.Module, fusion: Fusion, split: int) -> Iterator[LogProbFn]:
     """The mixture layers in ``model`` for a while; yields (states, batch) -> log-probs."""
     hooks = fusion.hooks(model) if fusion.hooks else contextlib.nullcontext()
-    with mixture_of_loras(model, fusion.sources, fusion.mixer, fusion.shared), hooks:
+    mixture = mixture_of_loras(
+        model, fusion.sources, fusion.mixer, fusion.shared, sparse=fusion.sparse
+    )
+    with mixture, hooks:
 
         def log_probs(states: torch.Tensor, batch: Batch) -> torch.Tensor:
             if fusion.route is not None:

@@ -23,6 +23,7 @@ from lorafuse.core.mixture import (
     FactorSet,
     mixture_of_loras,
 )
+from lorafuse.core.sparse import top_k_of_weights
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
@@ -188,15 +189,16 @@ def learned_router(
     steps: int = 40,
     lr: float = 0.01,
     per_example: bool = True,
+    top_k: int = 0,
     seed: int = 0,
 ) -> Fusion:
     """A linear router per layer on its input (per prompt, or per token), trained on
-    validation loss with the experts frozen."""
+    validation loss with the experts frozen (``top_k`` > 0: k experts each, sparse)."""
     experts = list(ws.private.values())
     layers = adapted_layers(experts)
     hidden = ws.base.model.config.hidden_size
     torch.manual_seed(seed)
-    router = LayerRouter(layers, hidden, len(experts), per_example=per_example)
+    router = LayerRouter(layers, hidden, len(experts), per_example=per_example, top_k=top_k)
     fusion = Fusion(
         "learned_router", "routing", experts, router, route=router.route, hooks=router.hooked
     )
@@ -217,6 +219,7 @@ def learned_router(
         "train_s": time.perf_counter() - started,
         "steps": steps,
         "lr": lr,
+        "top_k": top_k,
         "val_loss_first_last": [history[0], history[-1]],
     }
     return fusion
@@ -232,9 +235,11 @@ def twin(
     epochs: int = 300,
     group: bool = False,
     groups_per_bin: int = 2,
+    top_k: int = 0,
     seed: int = 0,
 ) -> Fusion:
-    """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router)."""
+    """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router;
+    ``top_k`` > 0: only the k largest weights, renormalised, computed sparsely)."""
     started = time.perf_counter()
     key = ("twin", shared, scale, rank, max_per_task, epochs, seed)
     if key not in ws.memo:  # twin and twin_group share sources and router
@@ -255,7 +260,10 @@ def twin(
             w = F.softmax(router(f.cpu()), -1)
         if groups is not None:
             w = torch.as_tensor(groups(w.numpy()), dtype=w.dtype)
-        mixer.current = w.to(states.device)
+        if 0 < top_k < n:
+            mixer.current = top_k_of_weights(w, top_k).to(states.device)
+        else:
+            mixer.current = w.to(states.device)
 
     with torch.no_grad():
         val_acc = float((router(feats).argmax(-1) == labels).float().mean())
@@ -272,6 +280,7 @@ def twin(
             "shared": shared,
             "scale": scale,
             "rank": rank,
+            "top_k": top_k,
         },
     )
 

@@ -6,7 +6,10 @@
   (sign-agnostic), top-k, softmax with a temperature. Training-free.
 * :class:`LayerRouter`: a linear router per decoder layer on that layer's input hidden
   states (per token), trained by gradient descent with the experts frozen. Zero-initialised,
-  so training starts from the uniform merge.
+  so training starts from the uniform merge (with ``top_k``: from k experts, uniform).
+
+A router that keeps k < K experts returns a :class:`~lorafuse.core.sparse.TopK`, which the
+mixture core computes on the selected experts only (sparse dispatch).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafuse.core.decoder import find_layers
-from lorafuse.core.mixture import MixtureLinear
+from lorafuse.core.mixture import MixtureLinear, Weights
+from lorafuse.core.sparse import top_k_select
 from lorafuse.library import LoraFactors
 from lorafuse.merging.svd import factor_svd
 
@@ -50,14 +54,22 @@ class ArrowRouter:
         self.temperature = temperature
         self._prototypes: dict[str, torch.Tensor] = {}
 
-    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights:
         if module.name not in self._prototypes:
             self._prototypes[module.name] = arrow_prototypes(module)
         protos = self._prototypes[module.name].to(x.device)
         logits = torch.einsum("...d,kd->...k", x, protos).abs()
         # logits scale with |x|; normalise per token so the temperature means the same
         logits = logits / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        return top_k_softmax(logits, self.top_k, self.temperature)
+        return select(logits, self.top_k, self.temperature)
+
+
+def select(logits: torch.Tensor, top_k: int | None, temperature: float = 1.0) -> Weights:
+    """Softmax weights over all K logits, or the top-k as a :class:`TopK` when
+    ``0 < top_k < K`` (whose dense form is :func:`top_k_softmax`)."""
+    if top_k and top_k < logits.shape[-1]:
+        return top_k_select(logits, top_k, temperature)
+    return F.softmax(logits / temperature, dim=-1)
 
 
 class LayerRouter(nn.Module):
@@ -67,6 +79,7 @@ class LayerRouter(nn.Module):
     one weight vector per example and layer, reused for every answer / generated token
     (set ``mask`` (B, T) to the prompt positions, or let the first call of a ``generate``
     - the prompt - define them). ``per_example=False``: weights per token.
+    ``top_k`` (0 or None: all K): keep the k largest logits, softmax over them (sparse).
     """
 
     def __init__(
@@ -76,31 +89,33 @@ class LayerRouter(nn.Module):
         k: int,
         temperature: float = 1.0,
         per_example: bool = True,
+        top_k: int | None = None,
     ):
         super().__init__()
+        self.top_k = top_k
         self.proj = nn.ModuleDict({str(layer): nn.Linear(hidden, k) for layer in layers})
         for p in self.proj.parameters():
             nn.init.zeros_(p)
         self.temperature = temperature
         self.per_example = per_example
         self.mask: torch.Tensor | None = None  # (B, T) prompt positions, set per batch
-        self.current: dict[int, torch.Tensor] = {}
+        self.current: dict[int, Weights] = {}
 
-    def weights(self, module: MixtureLinear, x: torch.Tensor) -> torch.Tensor:
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights:
         return self.current[module.layer]
 
-    def _layer_weights(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def _layer_weights(self, layer: int, h: torch.Tensor) -> Weights:
         # the residual stream's scale grows with depth: normalise so logits start small
         h = F.layer_norm(h, h.shape[-1:])
         logits = self.proj[str(layer)](h) / self.temperature  # (B, T, K)
         if not self.per_example:
-            return F.softmax(logits, dim=-1)
+            return select(logits, self.top_k)
         if self.mask is not None:
             m = self.mask.to(h.device, h.dtype)[..., None]
-            return F.softmax((logits * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+            return select((logits * m).sum(1) / m.sum(1).clamp(min=1), self.top_k)
         if h.shape[1] == 1 and layer in self.current:  # generate: keep the prompt's weights
             return self.current[layer]
-        return F.softmax(logits.mean(1), dim=-1)
+        return select(logits.mean(1), self.top_k)
 
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[None]:
