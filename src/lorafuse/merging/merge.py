@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import LoraAdapter, LoraFactors
+from lorafuse.library import LoraAdapter, LoraFactors, module_factors, union_modules
 from lorafuse.merging.registry import MergeMethod, MergeParams, get_method
 from lorafuse.merging.svd import compress_dense, compress_factors
 
@@ -55,8 +55,8 @@ def merge(
     """Merge ``adapters`` with the registered ``method``; returns ``{module: factors}``.
 
     ``params`` are the method's parameters (validated; see ``MERGE_METHODS[method].params``).
-    ``weights`` default per method (1/K or 1 each). Modules are those of the first adapter;
-    compatibility (same modules and shapes) is the caller's job (``check_compatible``).
+    ``weights`` default per method (1/K or 1 each). Modules are the union of the adapters'
+    (zero factors where one has none); shapes are the caller's job (``check_compatible``).
     The result can be written with ``save_adapter``.
     """
     spec = get_method(method)
@@ -64,11 +64,11 @@ def merge(
     if not adapters:
         raise LorafuseError("no adapters to merge")
     w = resolve_weights(spec, len(adapters), weights)
-    modules = adapters[0].module_names
+    modules = union_modules(adapters)
     out: dict[str, LoraFactors] = {}
     workspace = Workspace()
     for module in tqdm(modules, desc=f"merge {method}", unit="module", disable=not progress):
-        parts = [a.factors(module) for a in adapters]
+        parts = module_factors(adapters, module)
         seed = module_seed(getattr(parsed, "seed", 0), module)
         out[module] = merge_module(spec, parts, w, parsed, seed=seed, workspace=workspace)
     return out
