@@ -278,6 +278,10 @@ def _index_modules(config: dict[str, Any], source: _TensorSource) -> dict[str, _
 
 def _foreign_tensor(key: str) -> str:
     """Why a tensor that is not a LoRA A/B weight is refused, naming the config field."""
+    module = key.removesuffix(".weight").removesuffix(".base_layer")
+    what = embedding_or_head(module.rsplit(".", 1)[-1])
+    if what:  # PEFT saves the full embedding/head weights along with LoRA on them
+        return f"tensor {key!r}: LoRA on {what} (target_modules) is not supported"
     for marker, field in (
         ("modules_to_save", "fully trained extra modules (modules_to_save)"),
         ("lora_magnitude_vector", "DoRA (use_dora)"),
