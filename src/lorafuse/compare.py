@@ -34,6 +34,7 @@ from lorafuse.library import LoraAdapter, save_adapter
 from lorafuse.library.manifest import tasks_unknown
 from lorafuse.merging import merge
 from lorafuse.merging.learned import learned_merge, save_learned_merge
+from lorafuse.merging.run import truncation_card
 from lorafuse.training.library import MULTITASK
 from lorafuse.workspace import Workspace
 
@@ -197,13 +198,15 @@ def merges(
     made_s: dict[str, float] = {}
     for row, (method, params) in rows.items():
         t0 = time.perf_counter()
-        factors = merge(experts, method, progress=False, **params)
+        lost: dict = {}
+        factors = merge(experts, method, progress=False, truncation=lost, **params)
         made_s[row] = time.perf_counter() - t0
         paths[row] = save_adapter(
             out / "merged" / row,
             factors,
             base_model=ws.base.name,
-            readme=f"lorafuse merge of the private experts: {method} {params}\n",
+            readme=f"lorafuse merge of the private experts: {method} {params}\n"
+            + truncation_card(lost),
         )
     for row, per_layer in LEARNED.items():
         config = {"per_layer": per_layer, "split": "val", "seed": seed, **LEARN_SETTINGS}

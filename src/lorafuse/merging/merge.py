@@ -31,6 +31,13 @@ from lorafuse.errors import LorafuseError
 from lorafuse.library import LoraAdapter, LoraFactors, module_factors, union_modules
 from lorafuse.merging.registry import MergeMethod, MergeParams, get_method
 from lorafuse.merging.svd import compress_dense, compress_factors
+from lorafuse.merging.truncation import (
+    Truncation,
+    dense_truncation,
+    factor_truncation,
+    truncate_dense_auto,
+    truncate_factors,
+)
 
 __all__ = [
     "Workspace",
@@ -41,7 +48,13 @@ __all__ = [
     "stack_deltas",
 ]
 
-_DRIVER_FIELDS = ("rank", "svd", "svd_niter")  # used here, not passed to the method's fn
+_DRIVER_FIELDS = (
+    "rank",
+    "energy",
+    "max_rank",
+    "svd",
+    "svd_niter",
+)  # used here, not passed to the method's fn
 
 
 def merge(
@@ -50,6 +63,7 @@ def merge(
     weights: Sequence[float] | None = None,
     *,
     progress: bool = True,
+    truncation: dict[str, Truncation] | None = None,
     **params: Any,
 ) -> dict[str, LoraFactors]:
     """Merge ``adapters`` with the registered ``method``; returns ``{module: factors}``.
@@ -57,7 +71,8 @@ def merge(
     ``params`` are the method's parameters (validated; see ``MERGE_METHODS[method].params``).
     ``weights`` default per method (1/K or 1 each). Modules are the union of the adapters'
     (zero factors where one has none); shapes are the caller's job (``check_compatible``).
-    The result can be written with ``save_adapter``.
+    The result can be written with ``save_adapter``. Pass a dict as ``truncation`` to get
+    what re-compression lost per module (see ``truncation.Truncation``).
     """
     spec = get_method(method)
     parsed = spec.parse_params(params)
@@ -70,7 +85,12 @@ def merge(
     for module in tqdm(modules, desc=f"merge {method}", unit="module", disable=not progress):
         parts = module_factors(adapters, module)
         seed = module_seed(getattr(parsed, "seed", 0), module)
-        out[module] = merge_module(spec, parts, w, parsed, seed=seed, workspace=workspace)
+        lost: list[Truncation] = []
+        out[module] = merge_module(
+            spec, parts, w, parsed, seed=seed, workspace=workspace, truncation=lost
+        )
+        if truncation is not None and lost:
+            truncation[module] = lost[0]
     return out
 
 
@@ -103,31 +123,48 @@ def merge_module(
     *,
     seed: int = 0,
     workspace: Workspace | None = None,
+    truncation: list[Truncation] | None = None,
 ) -> LoraFactors:
     """One module: the K experts' factors in, the merged LoRA factors out.
 
     ``seed`` replaces ``params.seed`` for this module (the driver passes ``module_seed``).
     A dense method's stacked deltas go into ``workspace`` if given (the driver passes one
     for all modules), so they are overwritten by the next module's: a method reads them and
-    must not keep them.
+    must not keep them. When the result is re-compressed, what that lost is appended to
+    ``truncation`` (if given).
     """
     kwargs = params.model_dump()
-    rank: int | None = kwargs.pop("rank")
+    rank: int | str | None = kwargs.pop("rank")
+    energy, max_rank = kwargs.pop("energy", 0.99), kwargs.pop("max_rank", None)
+    lost = truncation if truncation is not None else []
     svd = kwargs.pop("svd", "gram")
     niter = kwargs.pop("svd_niter", 2)
     if "seed" in kwargs:
         kwargs["seed"] = seed
     if method.space in ("factors", "svd"):
         result: LoraFactors = method.fn(list(parts), list(weights), **kwargs)
-        if rank is not None and rank < result.rank:
-            result = compress_factors(result, rank)
+        if rank == "auto":
+            result, info = truncate_factors(result, "auto", energy=energy, max_rank=max_rank)
+            lost.append(info)
+        elif rank is not None and rank < result.rank:
+            full, result = result, compress_factors(result, rank)
+            lost.append(factor_truncation(full, result))
         return result
     deltas = stack_deltas(parts, workspace)
     dense = method.fn(deltas, list(weights), **kwargs)
     del deltas
-    if rank is None:
-        rank = sum(p.rank for p in parts)
-    return compress_dense(dense, rank, svd=svd, niter=niter, seed=seed)
+    if rank is None or rank == "auto":
+        cap = sum(p.rank for p in parts) if rank is None or max_rank is None else max_rank
+        if rank == "auto":
+            result, info = truncate_dense_auto(
+                dense, energy=energy, max_rank=cap, svd=svd, niter=niter, seed=seed
+            )
+            lost.append(info)
+            return result
+        rank = cap
+    result = compress_dense(dense, rank, svd=svd, niter=niter, seed=seed)
+    lost.append(dense_truncation(dense, result))
+    return result
 
 
 def stack_deltas(parts: Sequence[LoraFactors], workspace: Workspace | None = None) -> torch.Tensor:
