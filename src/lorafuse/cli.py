@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from lorafuse.commands.export import export as export_command
 from lorafuse.commands.library import app as library_app
 from lorafuse.errors import LorafuseError
 
@@ -475,6 +476,7 @@ def _global(
 
 
 app.add_typer(library_app, name="library")
+app.command("export")(export_command)
 
 
 def main() -> None:
