@@ -48,13 +48,8 @@ __all__ = [
     "stack_deltas",
 ]
 
-_DRIVER_FIELDS = (
-    "rank",
-    "energy",
-    "max_rank",
-    "svd",
-    "svd_niter",
-)  # used here, not passed to the method's fn
+# used here, not passed to the method's fn
+_DRIVER_FIELDS = ("rank", "energy", "max_rank", "svd", "svd_niter")
 
 
 def merge(
