@@ -23,11 +23,13 @@ from lorafuse.library import (
     LoraFactors,
     check_compatible,
     load_adapters,
+    module_factors,
     module_sort_key,
     new_manifest,
     open_library,
     read_manifest,
     save_adapter,
+    union_modules,
     write_manifest,
 )
 
@@ -387,12 +389,18 @@ def test_non_lora_keys_not_supported(adapter_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------ compatibility
-def test_mismatched_target_modules(tiny_llama: torch.nn.Module, tmp_path: Path) -> None:
+def test_different_target_modules_load_as_a_union(
+    tiny_llama: torch.nn.Module, tmp_path: Path
+) -> None:
+    """Heterogeneous libraries: other targets are fine; a module one lacks is zero there."""
     _, a = make_adapter(tiny_llama, tmp_path / "a", **PLAIN)
     _, b = make_adapter(tiny_llama, tmp_path / "b", r=4, target_modules=["q_proj", "k_proj"])
-    err = expect_error(b, "differ", load_adapters, [a, b])
-    assert "missing model.layers.0.self_attn.v_proj" in str(err)
-    assert "extra model.layers.0.self_attn.k_proj" in str(err)
+    first, second = load_adapters([a, b])
+    union = union_modules([first, second])
+    assert set(union) == set(first.module_names) | set(second.module_names)
+    v = "model.layers.0.self_attn.v_proj"
+    zero, own = module_factors([second, first], v)
+    assert not zero.delta().any() and zero.delta().shape == own.delta().shape
 
 
 def test_different_base_model_names(tiny_llama: torch.nn.Module, tmp_path: Path) -> None:

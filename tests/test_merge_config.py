@@ -84,11 +84,21 @@ def test_merge_writes_peft_adapter_with_card(tiny_llama, tmp_path: Path) -> None
 
 
 def test_incompatible_experts_refused(tiny_llama, tmp_path: Path) -> None:
+    """Other target modules are fine (zero delta where one has none); other bases are not."""
+    import json
+
     _adapter(tiny_llama, tmp_path / "a", 1)
-    _adapter(tiny_llama, tmp_path / "b", 2, targets=("q_proj",))
+    _adapter(tiny_llama, tmp_path / "b", 2, targets=("q_proj", "k_proj"))
     cfg, root = load_merge_config(
         _write(tmp_path, "method: linear\nexperts: [{path: a}, {path: b}]\n")
     )
-    with pytest.raises(LorafuseError, match="module"):
+    merged = LoraAdapter.open(run_merge(cfg, tmp_path / "ok", root=root, progress=False))
+    assert any("k_proj" in m for m in merged.module_names)
+    assert any("v_proj" in m for m in merged.module_names)
+    for name, base in (("a", "org/one"), ("b", "org/two")):
+        config_path = tmp_path / name / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    with pytest.raises(LorafuseError, match="base_model_name_or_path"):
         run_merge(cfg, tmp_path / "out", root=root, progress=False)
     assert not (tmp_path / "out").exists()

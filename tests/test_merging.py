@@ -451,7 +451,8 @@ def test_unknown_parameter_lists_known() -> None:
     with pytest.raises(LorafuseError) as info:
         get_method("task_arithmetic").parse_params({"density": 0.5})
     assert str(info.value) == (
-        "unknown parameter 'density' for method 'task_arithmetic' (known: rank, scale)"
+        "unknown parameter 'density' for method 'task_arithmetic' "
+        "(known: energy, max_rank, rank, scale)"
     )
 
 

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from lorafuse.commands import analysis, evaluate, fusion, merging, train
+from lorafuse.commands.export import export as export_command
 from lorafuse.commands.library import app as library_app
 from lorafuse.errors import LorafuseError
 
@@ -60,6 +61,7 @@ def _global(
 
 
 app.add_typer(library_app, name="library")
+app.command("export")(export_command)
 
 
 def main() -> None:

@@ -189,6 +189,18 @@ def on_subset(scores: ExampleScores, idx: list[int], n: int) -> ExampleScores:
     return ExampleScores(loss, correct)
 
 
+def truncation_line(info: dict) -> str:
+    """The model card's line on re-compression (empty when the merge kept every delta)."""
+    if "truncation_rel_error_mean" not in info:
+        return ""
+    return (
+        f"\nRe-compressed to rank {info['truncation_rank_min']}-{info['truncation_rank_max']}: "
+        f"relative Frobenius error mean {info['truncation_rel_error_mean']:.4f}, "
+        f"max {info['truncation_rel_error_max']:.4f}; energy kept "
+        f"{info['truncation_energy_kept_total']:.4f}.\n"
+    )
+
+
 def merges(
     ws: Workspace,
     table: Table,
@@ -209,8 +221,12 @@ def merges(
             out / "merged" / row,
             fusion.sources[0].modules,
             base_model=ws.base.name,
-            readme=f"lorafuse merge of the private experts: {method} {rows[row][1]}\n",
+            readme=f"lorafuse merge of the private experts: {method} {rows[row][1]}\n"
+            + truncation_line(fusion.info),
         )
+        lost = {k: v for k, v in fusion.info.items() if k.startswith("truncation_")}
+        if lost:
+            table.info[row] = lost
     for row in LEARNED:
         fusion = build_fusion(ws, row, seed=seed)
         info = fusion.info

@@ -44,7 +44,7 @@ def connectivity_command(
     groups["both"] = list(range(len(idx)))
     alphas = np.linspace(0.0, 1.0, grid).tolist()
     paths = ("delta", "factors")
-    same_rank = all(
+    same_rank = set(ws.adapters[a].module_names) == set(ws.adapters[b].module_names) and all(
         ws.adapters[a].module_rank(m) == ws.adapters[b].module_rank(m)
         for m in ws.adapters[a].module_names
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorafuse.core.sparse import TopK, sparse_mixture
-from lorafuse.library import LoraFactors
+from lorafuse.library import LoraFactors, module_factors, union_modules
 
 Weights = torch.Tensor | TopK  # dense (..., K) mixing weights or the selected top-k
 
@@ -183,19 +183,22 @@ def mixture_of_loras(
 ) -> Iterator[dict[str, MixtureLinear]]:
     """Swap each adapted Linear of ``model`` for a MixtureLinear; restore on exit.
 
-    The modules are those of the first source; every source must have them all. ``shared``
-    is added for every input (folded into the weights, see :class:`MixtureLinear`);
-    ``sparse``: top-k weights computed on the selected experts only.
+    The modules are the union of the sources' (a source that does not adapt a module adds
+    zero there). ``shared`` is added for every input (folded into the weights, see
+    :class:`MixtureLinear`); ``sparse``: top-k weights computed on the selected experts only.
     """
     swapped: dict[str, tuple[nn.Module, str, nn.Module]] = {}
     layers: dict[str, MixtureLinear] = {}
     try:
-        for module in adapters[0].module_names:
+        extra = [shared] if shared is not None else []
+        for module in union_modules([*adapters, *extra]):
             parent_name, _, child = module.rpartition(".")
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
-            factors = [a.factors(module) for a in adapters]
-            common = shared.factors(module) if shared is not None else None
+            factors = module_factors([*adapters, *extra], module)
+            common = factors.pop() if shared is not None else None
+            if common is not None and module not in set(shared.module_names):
+                common = None
             layers[module] = MixtureLinear(original, factors, module, mixer, common, sparse)
             swapped[module] = (parent, child, original)
             setattr(parent, child, layers[module])

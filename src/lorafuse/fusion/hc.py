@@ -14,7 +14,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from lorafuse.core.mixture import FactorSet, FactorSource
-from lorafuse.library import LoraFactors
+from lorafuse.library import LoraFactors, module_factors, union_modules
 from lorafuse.merging.linear import concat_factors
 
 
@@ -29,8 +29,8 @@ def delta_cosines(experts: Sequence[FactorSource]) -> np.ndarray:
     """(K, K) cosine similarity of the experts' deltas over all their modules."""
     k = len(experts)
     gram = np.zeros((k, k))
-    for module in experts[0].module_names:
-        fs = [e.factors(module) for e in experts]
+    for module in union_modules(experts):
+        fs = module_factors(experts, module)
         for i in range(k):
             for j in range(i, k):
                 gram[i, j] += factor_inner(fs[i], fs[j])
@@ -58,8 +58,8 @@ def merged_clusters(
         members = [experts[i] for i in c]
         names = "+".join(getattr(m, "name", str(i)) for m, i in zip(members, c, strict=True))
         modules = {
-            module: concat_factors([m.factors(module) for m in members], [1 / len(c)] * len(c))
-            for module in experts[0].module_names
+            module: concat_factors(module_factors(members, module), [1 / len(c)] * len(c))
+            for module in union_modules(members)
         }
         out.append(FactorSet(names, modules))
     return out

@@ -34,6 +34,7 @@ from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, t
 from lorafuse.fusion.twin import twin_sources as make_twin_sources
 from lorafuse.merging import merge
 from lorafuse.merging.learned import adapted_layers, learned_merge
+from lorafuse.merging.truncation import truncation_info
 from lorafuse.workspace import Workspace
 
 VAL = "val"
@@ -43,13 +44,14 @@ def static_merge(ws: Workspace, *, method: str = "linear", seed: int = 0, **para
     """Any registered merge method (see ``lorafuse methods``) as one source."""
     if "seed" in params or method.startswith("dare"):
         params.setdefault("seed", seed)
-    factors = merge(list(ws.private.values()), method, progress=False, **params)
+    lost: dict = {}
+    factors = merge(list(ws.private.values()), method, progress=False, truncation=lost, **params)
     return Fusion(
         f"merge:{method}",
         "merging",
         [FactorSet(method, factors)],
         ConstantMixer(torch.ones(1)),
-        info={"method": method, **params},
+        info={"method": method, **params, **truncation_info(lost)},
     )
 
 

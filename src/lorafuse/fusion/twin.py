@@ -30,6 +30,7 @@ from lorafuse.core.mixture import BatchMixer, FactorSet, FactorSource
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.eval.harness import length_batches
 from lorafuse.fusion.base import prompt_mean
+from lorafuse.library import module_factors
 from lorafuse.merging import merge
 from lorafuse.merging.linear import concat_factors
 from lorafuse.merging.svd import compress_factors
@@ -65,8 +66,9 @@ def twin_sources(
     shared = merge(experts, shared_method, progress=False, **(shared_params or {}))
     exclusive: list[dict] = [{} for _ in experts]
     for module, s in shared.items():
-        for k, e in enumerate(experts):
-            diff = concat_factors([e.factors(module), s], [1.0, -1.0])
+        own = module_factors(experts, module)  # zeros where an expert has no delta
+        for k, e in enumerate(own):
+            diff = concat_factors([e, s], [1.0, -1.0])
             exclusive[k][module] = compress_factors(diff, rank) if rank < diff.rank else diff
     names = [getattr(e, "name", f"expert{k}") for k, e in enumerate(experts)]
     return [FactorSet("shared", shared)] + [

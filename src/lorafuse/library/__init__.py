@@ -7,11 +7,15 @@ from lorafuse.library.adapter import (
     PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     LoraAdapter,
-    LoraFactors,
-    module_sort_key,
-    save_adapter,
 )
-from lorafuse.library.compat import check_compatible, check_weights, load_adapters
+from lorafuse.library.compat import (
+    check_compatible,
+    check_weights,
+    load_adapters,
+    module_factors,
+    union_modules,
+)
+from lorafuse.library.factors import LoraFactors, module_sort_key
 from lorafuse.library.manifest import (
     MANIFEST_NAME,
     ExpertEntry,
@@ -21,6 +25,7 @@ from lorafuse.library.manifest import (
     read_manifest,
     write_manifest,
 )
+from lorafuse.library.save import save_adapter
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,10 +39,12 @@ __all__ = [
     "check_compatible",
     "check_weights",
     "load_adapters",
+    "module_factors",
     "module_sort_key",
     "new_manifest",
     "open_library",
     "read_manifest",
     "save_adapter",
+    "union_modules",
     "write_manifest",
 ]

@@ -1,10 +1,9 @@
-"""Read and write single PEFT LoRA adapters, one module's factors at a time.
+"""Read single PEFT LoRA adapters, one module's factors at a time.
 
 A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
 with keys ``base_model.model.<module>.lora_A.weight`` (shape ``(r, d_in)``) and
 ``...lora_B.weight`` (shape ``(d_out, r)``). The weight update of ``<module>`` is
-``scaling * B @ A`` where ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), and
-``r``/``alpha`` may be overridden per module by ``rank_pattern``/``alpha_pattern``.
+``scaling * B @ A`` (see ``adapter_config`` for the rank and scaling rules).
 
 ``LoraAdapter.open`` validates the directory, the config and the tensor header up front and
 then reads tensors lazily, so a library of many experts can be scanned cheaply. Only plain
@@ -13,21 +12,26 @@ LoRA on linear layers is supported; anything else is refused with a ``LorafuseEr
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lorafuse.errors import LorafuseError
-from lorafuse.io import atomic_dir, read_json
+from lorafuse.library.adapter_config import (
+    CONFIG_NAME,
+    PEFT_PREFIX,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    embedding_or_head,
+    module_scaling,
+    pattern_value,
+    read_config,
+)
+from lorafuse.library.factors import LoraFactors, module_sort_key
+from lorafuse.library.save import save_adapter
 
 __all__ = [
     "CONFIG_NAME",
@@ -40,10 +44,6 @@ __all__ = [
     "save_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' dtype names
 _TORCH_DTYPE_NAMES = {
@@ -53,75 +53,6 @@ _TORCH_DTYPE_NAMES = {
     torch.float64: "F64",
 }
 _B_SUFFIX = ".lora_B.weight"
-
-# Config switches that change what the adapter computes; each must be off/empty.
-_UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA bias (lora_bias)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "velora_config": "VeLoRA (velora_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "layer_replication": "layer replication (layer_replication)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-}
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """The low-rank update of one linear module: ``delta = scaling * B @ A``."""
-
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scaling: float
-
-    def __post_init__(self) -> None:
-        if self.A.ndim != 2 or self.B.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise ValueError(
-                f"LoraFactors needs A (r, d_in) and B (d_out, r); got A {tuple(self.A.shape)}, "
-                f"B {tuple(self.B.shape)}"
-            )
-
-    @property
-    def rank(self) -> int:
-        """The LoRA rank ``r``."""
-        return int(self.A.shape[0])
-
-    @property
-    def d_in(self) -> int:
-        """Input features of the adapted linear layer."""
-        return int(self.A.shape[1])
-
-    @property
-    def d_out(self) -> int:
-        """Output features of the adapted linear layer."""
-        return int(self.B.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """The dense weight update ``scaling * B @ A``, shape ``(d_out, d_in)``.
-
-        Multiplied in the same order as PEFT's merge so results agree to rounding.
-        """
-        return (self.B @ self.A) * self.scaling
-
-
-def module_sort_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key putting modules in model order: numeric parts (layer indices) numerically."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
-
-
-def pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """Look ``module`` up in a PEFT ``rank_pattern``/``alpha_pattern`` the way PEFT does.
-
-    PEFT takes the first key ``k`` for which ``(.*\\.)?(k)$`` matches the module name.
-    """
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
-    return pattern.get(module, default)
 
 
 class _ModuleInfo(NamedTuple):
@@ -210,7 +141,7 @@ class LoraAdapter:
             raise LorafuseError("adapter directory not found", path)
         if not path.is_dir():
             raise LorafuseError("not a directory (expected a PEFT adapter directory)", path)
-        config = _read_config(path / CONFIG_NAME)
+        config = read_config(path / CONFIG_NAME)
         weights_path, source = _open_weights(path, allow_pickle=allow_pickle)
         modules = _index_modules(config, source)
         return cls(path, config, weights_path, source, modules)
@@ -263,7 +194,7 @@ class LoraAdapter:
 
     def scaling(self, module: str) -> float:
         """PEFT's scaling for ``module``: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
-        return _scaling(self.config, module, self._info(module).rank)
+        return module_scaling(self.config, module, self._info(module).rank)
 
     def factors(
         self, module: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -299,48 +230,6 @@ class LoraAdapter:
         """Yield ``(module, factors)`` in model order, loading one module at a time."""
         for module in self.module_names:
             yield module, self.factors(module, dtype=dtype, device=device)
-
-
-# --------------------------------------------------------------------------- validation
-def _read_config(path: Path) -> dict[str, Any]:
-    """Load ``adapter_config.json`` and refuse anything that is not plain LoRA."""
-    if not path.is_file():
-        raise LorafuseError(f"{CONFIG_NAME} not found (not a PEFT adapter directory?)", path)
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise LorafuseError("expected a JSON object", path)
-    peft_type = config.get("peft_type")
-    if str(peft_type).upper() != "LORA":
-        raise LorafuseError(f"peft_type is {peft_type!r}; only LORA adapters are supported", path)
-    for key, feature in _UNSUPPORTED_FEATURES.items():
-        if config.get(key):
-            raise LorafuseError(f"{feature} is not supported", path)
-    if config.get("bias", "none") != "none":
-        raise LorafuseError(f"bias={config['bias']!r} is not supported (only 'none')", path)
-    _check_number(path, "r", config.get("r", 8), rank=True)
-    _check_number(path, "lora_alpha", config.get("lora_alpha", 8), rank=False)
-    for key, is_rank in (("rank_pattern", True), ("alpha_pattern", False)):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict):
-            raise LorafuseError(f"{key} must be a JSON object", path)
-        for name, value in pattern.items():
-            try:
-                re.compile(name)
-            except re.error as exc:
-                raise LorafuseError(
-                    f"{key} key {name!r} is not a valid regex: {exc}", path
-                ) from exc
-            _check_number(path, f"{key}[{name!r}]", value, rank=is_rank)
-    return config
-
-
-def _check_number(path: Path, what: str, value: Any, *, rank: bool) -> None:
-    """Ranks must be positive integers; alphas any finite number (merges may negate)."""
-    if rank:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise LorafuseError(f"{what} must be a positive integer, got {value!r}", path)
-    elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise LorafuseError(f"{what} must be a finite number, got {value!r}", path)
 
 
 def _open_weights(path: Path, *, allow_pickle: bool) -> tuple[Path, _TensorSource]:
@@ -381,14 +270,31 @@ def _index_modules(config: dict[str, Any], source: _TensorSource) -> dict[str, _
                 halves.setdefault(module, {})[half] = key
                 break
         else:
-            raise LorafuseError(
-                f"tensor {key!r} is not a LoRA A/B weight; only LoRA on linear layers is "
-                "supported (modules_to_save, embeddings and biases are not supported)",
-                source.path,
-            )
+            raise LorafuseError(_foreign_tensor(key), source.path)
     if not halves:
         raise LorafuseError("no LoRA weights found", source.path)
     return {m: _module_info(config, source, m, keys) for m, keys in halves.items()}
+
+
+def _foreign_tensor(key: str) -> str:
+    """Why a tensor that is not a LoRA A/B weight is refused, naming the config field."""
+    module = key.removesuffix(".weight").removesuffix(".base_layer")
+    what = embedding_or_head(module.rsplit(".", 1)[-1])
+    if what:  # PEFT saves the full embedding/head weights along with LoRA on them
+        return f"tensor {key!r}: LoRA on {what} (target_modules) is not supported"
+    for marker, field in (
+        ("modules_to_save", "fully trained extra modules (modules_to_save)"),
+        ("lora_magnitude_vector", "DoRA (use_dora)"),
+        ("lora_embedding_", "LoRA on embeddings (target_modules)"),
+        ("lora_bias", "LoRA bias (lora_bias)"),
+        (".bias", "trained biases (bias)"),
+    ):
+        if marker in key:
+            return f"tensor {key!r}: {field} is not supported"
+    return (
+        f"tensor {key!r} is not a LoRA A/B weight (a fully trained module: modules_to_save?); "
+        "not supported (only LoRA on linear layers is)"
+    )
 
 
 def _module_info(
@@ -400,6 +306,11 @@ def _module_info(
             raise LorafuseError(
                 f"tensor {keys[other]!r} has no matching lora_{half} weight", source.path
             )
+    what = embedding_or_head(module.rsplit(".", 1)[-1])
+    if what:
+        raise LorafuseError(
+            f"LoRA on {what} (target_modules, module {module!r}) is not supported", source.path
+        )
     a_key, b_key = keys["A"], keys["B"]
     a_shape, b_shape = source.shapes[a_key], source.shapes[b_key]
     for key, shape in ((a_key, a_shape), (b_key, b_shape)):
@@ -420,174 +331,3 @@ def _module_info(
             source.path,
         )
     return _ModuleInfo(a_key, b_key, declared, d_in=a_shape[1], d_out=b_shape[0])
-
-
-def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling rule, honouring ``alpha_pattern`` and ``use_rslora``."""
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    if config.get("use_rslora"):
-        return alpha / math.sqrt(rank)
-    return alpha / rank
-
-
-# ------------------------------------------------------------------------------- saving
-def save_adapter(
-    path: str | Path,
-    factors: Mapping[str, LoraFactors],
-    *,
-    base_model: str | None,
-    target_modules: list[str] | None = None,
-    extra_config: dict[str, Any] | None = None,
-    readme: str | None = None,
-) -> Path:
-    """Write ``factors`` as a PEFT-loadable LoRA adapter directory at ``path``, atomically.
-
-    A and B are stored unchanged (contiguous, same float dtype), so re-saving an adapter read
-    with :class:`LoraAdapter` reproduces its weights file byte for byte. Each module's scaling
-    goes into ``lora_alpha``/``alpha_pattern`` (ranks into ``r``/``rank_pattern``), with alpha
-    chosen so that PEFT's ``alpha / r`` gives back the scaling: exactly whenever some alpha
-    can (always for scalings that came from an ``alpha / r``), else to within one ulp. When all
-    modules share one rank and alpha there are no patterns. ``use_rslora`` is written only if
-    plain ``alpha / r`` needs non-integral alphas and ``alpha / sqrt(r)`` does not; so an
-    rsLoRA adapter is usually re-saved as the equivalent plain one (same scaling, new alpha).
-
-    ``target_modules`` defaults to the modules' leaf names (``["q_proj", "v_proj"]``) when the
-    modules cover every layer index 0..max for each leaf, else to a regex matching exactly the
-    given modules. ``extra_config`` keys are added to ``adapter_config.json`` (PEFT ignores
-    unknown keys with a warning); they may not override the keys computed here.
-    """
-    tensors, ranks, scalings = _prepare_tensors(factors)
-    config = _adapter_config(ranks, scalings, base_model, target_modules)
-    for key, value in (extra_config or {}).items():
-        if key in config:
-            raise ValueError(f"extra_config may not override {key!r}")
-        config[key] = value
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if readme is not None:
-            (tmp / "README.md").write_text(readme, encoding="utf-8")
-    return path
-
-
-def _prepare_tensors(
-    factors: Mapping[str, LoraFactors],
-) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
-    """PEFT-keyed contiguous CPU tensors plus per-module rank and scaling."""
-    if not factors:
-        raise ValueError("save_adapter needs at least one module's factors")
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    scalings: dict[str, float] = {}
-    seen: set[int] = set()
-    for module in sorted(factors, key=module_sort_key):
-        f = factors[module]
-        if not module or module.startswith(PEFT_PREFIX) or ".lora_" in module:
-            raise ValueError(
-                f"expected a bare module name like 'model.layers.0.q_proj': {module!r}"
-            )
-        if not math.isfinite(f.scaling):
-            raise ValueError(f"scaling of {module!r} is not finite: {f.scaling}")
-        for half, t in (("lora_A", f.A), ("lora_B", f.B)):
-            if not t.is_floating_point():
-                raise ValueError(f"{module}.{half} must be a float tensor, got {t.dtype}")
-            t = t.detach().to("cpu").contiguous()
-            if t.data_ptr() in seen:  # safetensors refuses tensors that share memory
-                t = t.clone()
-            seen.add(t.data_ptr())
-            tensors[f"{PEFT_PREFIX}{module}.{half}.weight"] = t
-        ranks[module] = f.rank
-        scalings[module] = float(f.scaling)
-    return tensors, ranks, scalings
-
-
-def _exact_alpha(scaling: float, rank: int, rslora: bool) -> tuple[float | int, bool]:
-    """The alpha whose ``alpha / r`` (or ``/ sqrt(r)``) is closest to ``scaling``.
-
-    Returns ``(alpha, integral)``, where integral means an int alpha reproduces the scaling
-    exactly. Some scalings (e.g. 0.37 at r=3) have no float alpha with ``alpha / r == scaling``;
-    then the nearest one is used, off by one ulp of the scaling.
-    """
-    denom = math.sqrt(rank) if rslora else rank
-    raw = scaling * denom
-    candidates: list[float | int] = [round(raw), raw]
-    for direction in (math.inf, -math.inf):
-        value = raw
-        for _ in range(2):
-            value = math.nextafter(value, direction)
-            candidates.append(value)
-    best = min(candidates, key=lambda alpha: abs(alpha / denom - scaling))
-    return best, isinstance(best, int) and best / denom == scaling
-
-
-def _most_common(values: list[Any]) -> Any:
-    """The most frequent value; ties go to the smallest."""
-    counts = Counter(values)
-    return min(counts, key=lambda v: (-counts[v], v))
-
-
-def _adapter_config(
-    ranks: dict[str, int],
-    scalings: dict[str, float],
-    base_model: str | None,
-    target_modules: list[str] | None,
-) -> dict[str, Any]:
-    """A minimal ``adapter_config.json`` that ``peft.LoraConfig`` loads."""
-    use_rslora = False
-    alphas = {m: _exact_alpha(scalings[m], ranks[m], False) for m in ranks}
-    if not all(integral for _, integral in alphas.values()):
-        rs_alphas = {m: _exact_alpha(scalings[m], ranks[m], True) for m in ranks}
-        if all(integral for _, integral in rs_alphas.values()):
-            alphas, use_rslora = rs_alphas, True
-    alpha_of = {m: a for m, (a, _) in alphas.items()}
-    r = _most_common(list(ranks.values()))
-    lora_alpha = _most_common(list(alpha_of.values()))
-    rank_pattern = _patterns({m: v for m, v in ranks.items() if v != r}, ranks, r)
-    alpha_pattern = _patterns(
-        {m: v for m, v in alpha_of.items() if v != lora_alpha}, alpha_of, lora_alpha
-    )
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "use_rslora": use_rslora,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "target_modules": (
-            sorted(set(target_modules)) if target_modules else _default_targets(list(ranks))
-        ),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "use_dora": False,
-        "lora_bias": False,
-    }
-
-
-def _patterns(overrides: dict[str, Any], wanted: dict[str, Any], default: Any) -> dict[str, Any]:
-    """Per-module pattern keys: plain names when unambiguous under PEFT's regex, else anchored."""
-    pattern = {m: overrides[m] for m in sorted(overrides, key=module_sort_key)}
-    if all(pattern_value(pattern, m, default) == v for m, v in wanted.items()):
-        return pattern
-    return {"^" + re.escape(m): v for m, v in pattern.items()}
-
-
-def _default_targets(modules: list[str]) -> list[str] | str:
-    """Leaf names when they cover the same modules as the full names would, else a regex."""
-    names = set(modules)
-    layer = re.compile(r"\.(\d+)\.")  # the first numeric path component, e.g. ".3."
-    indices = {int(m.group(1)) for m in map(layer.search, names) if m}
-    for name in names:
-        if layer.search(name) and any(
-            layer.sub(f".{i}.", name, count=1) not in names for i in range(max(indices) + 1)
-        ):
-            return "^(?:" + "|".join(re.escape(m) for m in sorted(names)) + ")$"
-    return sorted({name.rsplit(".", 1)[-1] for name in names})

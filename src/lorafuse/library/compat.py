@@ -1,29 +1,83 @@
-"""Check that a set of adapters can be fused: same base, same modules, same layer shapes.
+"""Sets of adapters: what they adapt together, and whether they can be fused.
 
-Ranks may differ between adapters; everything that decides *where* a delta lands and its
-``(d_out, d_in)`` shape may not. Errors name the offending adapter's directory.
+A library may be heterogeneous: adapters may adapt different modules (other target modules,
+other ``layers_to_transform``) with different ranks and scalings. Together they adapt the
+union of their modules (:func:`union_modules`); an adapter that does not touch a module has a
+zero delta there (:func:`module_factors` gives zero factors in its place). What must agree is
+where a delta lands and its ``(d_out, d_in)`` shape. Errors name the offending adapter's
+directory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library.adapter import LoraAdapter, module_sort_key
+from lorafuse.library.adapter import LoraAdapter
+from lorafuse.library.factors import LoraFactors, module_sort_key
 
-__all__ = ["check_compatible", "load_adapters"]
+__all__ = [
+    "FactorSource",
+    "check_compatible",
+    "check_weights",
+    "load_adapters",
+    "module_factors",
+    "union_modules",
+]
 
-_SHOW = 3  # module names listed in a message before "(+N more)"
+
+class FactorSource(Protocol):
+    """Anything with LoRA factors per module: a :class:`LoraAdapter`, a merge in memory."""
+
+    @property
+    def module_names(self) -> list[str]: ...
+
+    def factors(self, module: str) -> LoraFactors: ...
 
 
-def _few(names: Iterable[str]) -> str:
-    """The first few names in model order, then a count of the rest."""
-    ordered = sorted(names, key=module_sort_key)
-    text = ", ".join(ordered[:_SHOW])
-    return text + (f" (+{len(ordered) - _SHOW} more)" if len(ordered) > _SHOW else "")
+def union_modules(sources: Sequence[FactorSource]) -> list[str]:
+    """Every module any source adapts, in model order."""
+    return sorted({m for s in sources for m in s.module_names}, key=module_sort_key)
+
+
+def module_factors(
+    sources: Sequence[FactorSource],
+    module: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> list[LoraFactors]:
+    """Each source's factors of ``module``; zeros for a source that does not adapt it.
+
+    The zero factors have the largest rank among the sources that do (so a library of one
+    rank stays of one rank, e.g. for ``lowrank_average``), scaling 1, and the shape, dtype and
+    device of the first source that has the module. ``dtype``/``device`` convert all of them.
+    """
+    present = {id(s): s.factors(module) for s in sources if module in set(s.module_names)}
+    if not present:
+        raise ValueError(f"no source adapts {module!r}")
+    like = next(iter(present.values()))
+    rank = max(f.rank for f in present.values())
+    out = []
+    for s in sources:
+        f = present.get(id(s))
+        if f is None:
+            f = LoraFactors(
+                A=like.A.new_zeros(rank, like.d_in),
+                B=like.B.new_zeros(like.d_out, rank),
+                scaling=1.0,
+            )
+        if dtype is not None or device is not None:
+            f = LoraFactors(
+                A=f.A.to(device=device, dtype=dtype),
+                B=f.B.to(device=device, dtype=dtype),
+                scaling=f.scaling,
+            )
+        out.append(f)
+    return out
 
 
 def check_compatible(
@@ -31,36 +85,28 @@ def check_compatible(
 ) -> None:
     """Raise ``LorafuseError`` unless all adapters (and ``base_model``, if given) agree.
 
-    Compared with the first adapter: ``base_model_name_or_path`` (when both are set), the set
-    of adapted modules, and each module's ``(d_out, d_in)``. With ``base_model``, every module
-    must exist in it (names relative to the causal LM), be an ``nn.Linear``, and have a weight
-    of shape ``(d_out, d_in)``.
+    Adapters may adapt different modules (the union is used, zeros where one has none) with
+    different ranks and scalings; ``base_model_name_or_path`` (when set) and each shared
+    module's ``(d_out, d_in)`` must agree. With ``base_model``, every adapted module must exist
+    in it (names relative to the causal LM), be an ``nn.Linear``, and have a weight of shape
+    ``(d_out, d_in)``.
     """
     if not adapters:
         return
-    ref = adapters[0]
     _check_base_names(adapters)
-    ref_modules = set(ref.module_names)
-    for other in adapters[1:]:
-        modules = set(other.module_names)
-        if modules != ref_modules:
-            parts = []
-            if missing := ref_modules - modules:
-                parts.append(f"missing {_few(missing)}")
-            if extra := modules - ref_modules:
-                parts.append(f"extra {_few(extra)}")
-            raise LorafuseError(
-                f"target modules differ from {ref.path}: {'; '.join(parts)}", other.path
-            )
-        for module in ref.module_names:
-            if other.module_shape(module) != ref.module_shape(module):
+    first: dict[str, LoraAdapter] = {}
+    for adapter in adapters:
+        for module in adapter.module_names:
+            ref = first.setdefault(module, adapter)
+            if adapter.module_shape(module) != ref.module_shape(module):
                 raise LorafuseError(
-                    f"module {module} has (d_out, d_in) {other.module_shape(module)} but "
+                    f"module {module} has (d_out, d_in) {adapter.module_shape(module)} but "
                     f"{ref.module_shape(module)} in {ref.path}",
-                    other.path,
+                    adapter.path,
                 )
     if base_model is not None:
-        _check_against_model(ref, base_model)
+        for adapter in adapters:
+            _check_against_model(adapter, base_model)
 
 
 def _check_base_names(adapters: Sequence[LoraAdapter]) -> None:

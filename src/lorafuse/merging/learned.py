@@ -32,7 +32,13 @@ from lorafuse.core.forward import target_logits
 from lorafuse.core.mixture import ConstantMixer, layer_index, mixture_of_loras
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.io import atomic_write_json
-from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
+from lorafuse.library import (
+    LoraAdapter,
+    LoraFactors,
+    module_factors,
+    save_adapter,
+    union_modules,
+)
 from lorafuse.merging.linear import concat_factors
 
 Objective = Literal["loss", "entropy"]
@@ -51,14 +57,14 @@ class LearnedCoefficients:
         """The exact merge these coefficients define, one module at a time."""
         pos = {layer: i for i, layer in enumerate(self.layers)}
         out = {}
-        for module in adapters[0].module_names:
+        for module in union_modules(adapters):
             w = self.coef[pos[layer_index(module)]] if self.coef.dim() == 2 else self.coef
-            out[module] = concat_factors([a.factors(module) for a in adapters], w.tolist())
+            out[module] = concat_factors(module_factors(adapters, module), w.tolist())
         return out
 
 
 def adapted_layers(adapters: Sequence[LoraAdapter]) -> list[int]:
-    return sorted({layer_index(m) for m in adapters[0].module_names})
+    return sorted({layer_index(m) for m in union_modules(adapters)})
 
 
 def objective_value(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorafuse.library import LoraAdapter, LoraFactors
+from lorafuse.library import LoraAdapter, LoraFactors, module_factors, union_modules
 
 
 def linear_merge(
@@ -23,8 +23,8 @@ def linear_merge(
     if len(weights) != len(adapters):
         raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters")
     out: dict[str, LoraFactors] = {}
-    for module in adapters[0].module_names:
-        parts = [a.factors(module) for a in adapters]
+    for module in union_modules(adapters):
+        parts = module_factors(adapters, module)
         out[module] = concat_factors(parts, weights)
     return out
 

@@ -36,10 +36,17 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import LoraAdapter, LoraFactors
+from lorafuse.library import LoraAdapter, LoraFactors, module_factors, union_modules
 from lorafuse.merging.registry import MergeMethod, MergeParams, get_method
 from lorafuse.merging.svd import compress_dense, compress_factors
 from lorafuse.merging.threads import DEFAULT_MEMORY_BUDGET, map_in_order
+from lorafuse.merging.truncation import (
+    Truncation,
+    dense_truncation,
+    factor_truncation,
+    truncate_dense_auto,
+    truncate_factors,
+)
 
 __all__ = [
     "DeltaBuffer",
@@ -50,7 +57,8 @@ __all__ = [
     "stack_deltas",
 ]
 
-_DRIVER_FIELDS = ("rank", "svd", "svd_niter")  # used here, not passed to the method's fn
+# used here, not passed to the method's fn
+_DRIVER_FIELDS = ("rank", "energy", "max_rank", "svd", "svd_niter")
 
 
 def merge(
@@ -61,14 +69,16 @@ def merge(
     progress: bool = True,
     threads: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    truncation: dict[str, Truncation] | None = None,
     **params: Any,
 ) -> dict[str, LoraFactors]:
     """Merge ``adapters`` with the registered ``method``; returns ``{module: factors}``.
 
     ``params`` are the method's parameters (validated; see ``MERGE_METHODS[method].params``).
-    ``weights`` default per method (1/K or 1 each). Modules are those of the first adapter;
-    compatibility (same modules and shapes) is the caller's job (``check_compatible``).
-    The result can be written with ``save_adapter``.
+    ``weights`` default per method (1/K or 1 each). Modules are the union of the adapters'
+    (zero factors where one has none); shapes are the caller's job (``check_compatible``).
+    The result can be written with ``save_adapter``. Pass a dict as ``truncation`` to get
+    what re-compression lost per module (see ``truncation.Truncation``).
 
     ``threads`` modules run at a time, each single-threaded (``None``: torch's thread count;
     the result does not depend on it); ``memory_budget`` bounds the bytes of stacked dense
@@ -79,8 +89,8 @@ def merge(
     if not adapters:
         raise LorafuseError("no adapters to merge")
     w = resolve_weights(spec, len(adapters), weights)
-    modules = list(adapters[0].module_names)
-    jobs = ((m, [a.factors(m) for a in adapters]) for m in modules)  # read as admitted
+    modules = union_modules(adapters)
+    jobs = ((m, module_factors(adapters, m)) for m in modules)  # read as admitted
     buffers: queue.SimpleQueue[DeltaBuffer] = queue.SimpleQueue()  # one per busy worker
     results = map_in_order(
         partial(_merge_job, spec, w, parsed, buffers),
@@ -92,8 +102,10 @@ def merge(
     bar = tqdm(total=len(modules), desc=f"merge {method}", unit="module", disable=not progress)
     out: dict[str, LoraFactors] = {}
     with bar:
-        for module, result in zip(modules, results, strict=True):
+        for module, (result, lost) in zip(modules, results, strict=True):
             out[module] = result
+            if truncation is not None and lost:
+                truncation[module] = lost[0]
             bar.update()
     return out
 
@@ -104,8 +116,9 @@ def _merge_job(
     params: MergeParams,
     buffers: queue.SimpleQueue[DeltaBuffer],
     job: tuple[str, list[LoraFactors]],
-) -> LoraFactors:
-    """One module of ``merge``, on a free buffer of ``buffers`` (a new one if none is free)."""
+) -> tuple[LoraFactors, list[Truncation]]:
+    """One module of ``merge`` and what its re-compression lost, on a free buffer of
+    ``buffers`` (a new one if none is free)."""
     module, parts = job
     try:
         buffer = buffers.get_nowait()
@@ -113,7 +126,11 @@ def _merge_job(
         buffer = DeltaBuffer()
     try:
         seed = module_seed(getattr(params, "seed", 0), module)
-        return merge_module(spec, parts, weights, params, seed=seed, buffer=buffer)
+        lost: list[Truncation] = []
+        result = merge_module(
+            spec, parts, weights, params, seed=seed, buffer=buffer, truncation=lost
+        )
+        return result, lost
     finally:
         buffers.put(buffer)
 
@@ -153,33 +170,50 @@ def merge_module(
     *,
     seed: int = 0,
     buffer: DeltaBuffer | None = None,
+    truncation: list[Truncation] | None = None,
 ) -> LoraFactors:
     """One module: the K experts' factors in, the merged LoRA factors out.
 
     ``seed`` replaces ``params.seed`` for this module (the driver passes ``module_seed``).
     A dense method's stacked deltas go into ``buffer`` if given (the driver passes one per
     worker thread), so they are overwritten by the next module's: a method reads them and
-    must not keep them.
+    must not keep them. When the result is re-compressed, what that lost is appended to
+    ``truncation`` (if given).
     """
     kwargs = params.model_dump()
-    rank: int | None = kwargs.pop("rank")
+    rank: int | str | None = kwargs.pop("rank")
+    energy, max_rank = kwargs.pop("energy", 0.99), kwargs.pop("max_rank", None)
+    lost = truncation if truncation is not None else []
     svd = kwargs.pop("svd", "gram")
     niter = kwargs.pop("svd_niter", 2)
     if "seed" in kwargs:
         kwargs["seed"] = seed
     if method.space in ("factors", "svd"):
         result: LoraFactors = method.fn(list(parts), list(weights), **kwargs)
-        if rank is not None and rank < result.rank:
-            result = compress_factors(result, rank)
+        if rank == "auto":
+            result, info = truncate_factors(result, "auto", energy=energy, max_rank=max_rank)
+            lost.append(info)
+        elif rank is not None and rank < result.rank:
+            full, result = result, compress_factors(result, rank)
+            lost.append(factor_truncation(full, result))
         return result
     deltas = stack_deltas(parts, buffer)  # ours: the method may overwrite it
     if method.overwrites:
         kwargs["overwrite"] = True
     dense = method.fn(deltas, list(weights), **kwargs)
     del deltas
-    if rank is None:
-        rank = sum(p.rank for p in parts)
-    return compress_dense(dense, rank, svd=svd, niter=niter, seed=seed)
+    if rank is None or rank == "auto":
+        cap = sum(p.rank for p in parts) if rank is None or max_rank is None else max_rank
+        if rank == "auto":
+            result, info = truncate_dense_auto(
+                dense, energy=energy, max_rank=cap, svd=svd, niter=niter, seed=seed
+            )
+            lost.append(info)
+            return result
+        rank = cap
+    result = compress_dense(dense, rank, svd=svd, niter=niter, seed=seed)
+    lost.append(dense_truncation(dense, result))
+    return result
 
 
 def stack_deltas(parts: Sequence[LoraFactors], buffer: DeltaBuffer | None = None) -> torch.Tensor:

@@ -52,8 +52,16 @@ class MergeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    rank: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="output LoRA rank (None: exact / sum of expert ranks)"
+    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None,
+        description="output LoRA rank (None: exact / sum of expert ranks; 'auto': per module "
+        "the smallest keeping `energy`, at most `max_rank`)",
+    )
+    energy: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.99, description="with rank 'auto': share of squared Frobenius norm kept"
+    )
+    max_rank: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="with rank 'auto': the largest rank (None: the untruncated)"
     )
 
     @field_validator("*", mode="before")
@@ -188,7 +196,7 @@ class MergeMethod:
             return self.params(**params)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "?"
+            field = str(err["loc"][0]) if err["loc"] else "?"  # not the union member
             if err["type"] == "missing":
                 raise LorafuseError(
                     f"missing parameter {field!r} for method {self.name!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from lorafuse.io import atomic_dir
 from lorafuse.library import LoraAdapter, LoraFactors, check_compatible, save_adapter
 from lorafuse.merging.config import MergeConfig
 from lorafuse.merging.merge import merge
+from lorafuse.merging.truncation import Truncation, format_summary, summarize
 from lorafuse.models import EMBEDDED_NAME
 
 
@@ -22,19 +24,32 @@ def run_merge(
     full_model: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    report: Callable[[str], None] = print,
 ) -> Path:
-    """Merge the config's experts and write ``out`` atomically; returns ``out``."""
+    """Merge the config's experts and write ``out`` atomically; returns ``out``.
+
+    What re-compression to a rank lost (relative Frobenius error per module, energy kept) is
+    passed to ``report`` as one line and written into the model card.
+    """
     adapters = [
         LoraAdapter.open(_resolve(root, e.path), allow_pickle=allow_pickle) for e in config.experts
     ]
     check_compatible(adapters)
+    lost: dict[str, Truncation] = {}
     factors = merge(
-        adapters, config.method, config.weights(), progress=progress, **config.parameters
+        adapters,
+        config.method,
+        config.weights(),
+        progress=progress,
+        truncation=lost,
+        **config.parameters,
     )
+    if lost:
+        report(format_summary(lost))
     base_name = adapters[0].base_model or (
         EMBEDDED_NAME if config.base_model == "embedded" else config.base_model
     )
-    card = model_card(config, adapters)
+    card = model_card(config, adapters) + truncation_card(lost)
     if full_model:
         return save_full_model(config.base_model, factors, out, card)
     return save_adapter(out, factors, base_model=base_name, readme=card)
@@ -64,6 +79,28 @@ def model_card(config: MergeConfig, adapters: list[LoraAdapter]) -> str:
         "",
     ]
     lines += [f"- `{a.path}` (base `{a.base_model}`)" for a in adapters]
+    return "\n".join(lines) + "\n"
+
+
+def truncation_card(lost: dict[str, Truncation]) -> str:
+    """The model card's account of re-compression: the summary line and every module."""
+    if not lost:
+        return ""
+    s = summarize(lost)
+    lines = [
+        "",
+        "## Re-compression",
+        "",
+        format_summary(lost) + ".",
+        "",
+        f"Energy kept over all modules: {s['energy_kept_total']:.4f}.",
+        "",
+        "| module | rank | relative Frobenius error | energy kept |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{m}` | {t.rank} | {t.rel_error:.4f} | {t.energy_kept:.4f} |" for m, t in lost.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
