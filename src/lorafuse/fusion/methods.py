@@ -25,9 +25,11 @@ from lorafuse.core.mixture import (
 )
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
+from lorafuse.fusion.data_merges import DATA_MERGES
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, merged_clusters
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
+from lorafuse.fusion.seed_routing import SEED_ROUTING
 from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
 from lorafuse.fusion.twin import twin_sources as make_twin_sources
 from lorafuse.merging import merge
@@ -360,6 +362,9 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         _method("elrea_embedding", "ensembling", elrea, clustering="embedding"),
     ]
 }
+
+# the seed papers' data-driven merges and routers (issue 11), registered from their modules
+FUSION_METHODS.update({n: _method(n, f, b, **d) for n, (f, b, d) in {**DATA_MERGES, **SEED_ROUTING}.items()})
 
 
 def build_fusion(ws: Workspace, name: str, *, seed: int = 0, **params: Any) -> Fusion:
