@@ -13,7 +13,7 @@ from lorafuse.library.manifest import ExpertEntry, LibraryManifest
 from lorafuse.tasks.example import Example, TaskSuite
 from lorafuse.workspace import Workspace
 
-BLOCK = 30  # task t's prompt tokens come from [1 + BLOCK t, 1 + BLOCK (t + 1))
+BLOCK = 5  # task t's prompt tokens come from [1 + BLOCK t, 1 + BLOCK (t + 1))
 
 
 def task_sequences(t: int, n: int, seed: int) -> list[Encoded]:
@@ -36,10 +36,14 @@ def tiny_workspace(base, experts, n_per_task: int = 4) -> Workspace:
         experts=[ExpertEntry(name=n, path=n, tasks=[t]) for n, t in zip(names, tasks, strict=True)],
     )
     splits, encoded = {}, {}
-    for s, (split, seed) in enumerate((("val", 1), ("test", 2))):
-        splits[split] = [Example(t, f"{split} {t} {i}", "a") for t in tasks for i in range(n_per_task)]
+    for split, seed in (("val", 1), ("test", 2)):
+        splits[split] = [
+            Example(t, f"{split} {t} {i}", "a") for t in tasks for i in range(n_per_task)
+        ]
         encoded[split] = [e for k in range(len(tasks)) for e in task_sequences(k, n_per_task, seed)]
     cache = StateCache(base, 0, persist=False, progress=False)
-    ws = Workspace(base, TaskSuite(splits), Path("."), manifest, dict(zip(names, experts)), cache)
+    ws = Workspace(
+        base, TaskSuite(splits), Path("."), manifest, dict(zip(names, experts, strict=True)), cache
+    )
     ws._encoded.update(encoded)
     return ws

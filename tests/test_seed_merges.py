@@ -12,9 +12,14 @@ from lorafuse.core.encode import collate
 from lorafuse.core.fit import per_example_nll
 from lorafuse.core.forward import lower_states, target_logits
 from lorafuse.core.mixture import ConstantMixer, FactorSet, mixture_of_loras
-from lorafuse.fusion.data_merges import expert_grams, expert_sensitivities, logit_distances, own_data
+from lorafuse.fusion.data_merges import (
+    expert_grams,
+    expert_sensitivities,
+    logit_distances,
+    own_data,
+)
 from lorafuse.fusion.methods import build_fusion
-from lorafuse.library import LoraFactors
+from lorafuse.library import LoraFactors, save_adapter
 from lorafuse.merging.dam import cosine_penalty, dam_factors, dam_layers, train_dam
 from lorafuse.merging.emr import emr_module, rescalers, task_delta
 from lorafuse.merging.least_squares import regmean
@@ -70,7 +75,7 @@ def test_expert_grams_are_each_experts_own_layer_inputs(tiny_base, tiny_experts)
         seen = []
         peft_model = PeftModel.from_pretrained(tiny_base.model, str(expert.path))
         layer = peft_model.get_submodule("base_model.model." + module)
-        handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0][0]))
+        handle = layer.register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[0][0]))
         try:
             with torch.no_grad():
                 for e in encoded:  # one at a time: no padding
@@ -99,7 +104,9 @@ def test_sensitivity_sum_is_per_example_gradient_times_delta() -> None:
     torch.testing.assert_close(sensitivity_sum(delta, x, g), want)
 
 
-def test_expert_sensitivities_match_gradients_of_the_merged_weights(tiny_base, tiny_experts) -> None:
+def test_expert_sensitivities_match_gradients_of_the_merged_weights(
+    tiny_base, tiny_experts
+) -> None:
     ws = tiny_workspace(tiny_base, tiny_experts, n_per_task=2)
     data = own_data(ws, None)
     sens = expert_sensitivities(tiny_base.model, tiny_experts, data, ws.cache, [0, 1])
@@ -166,7 +173,9 @@ def test_logit_distances_by_dense_reference(tiny_base, tiny_experts) -> None:
 
 
 # ------------------------------------------------------------------ DAM
-def test_dam_export_is_column_scaled_deltas_and_matches_its_layer(tiny_base, tiny_experts) -> None:
+def test_dam_export_is_column_scaled_deltas_and_matches_its_layer(
+    tiny_base, tiny_experts, tmp_path
+) -> None:
     gen = torch.Generator().manual_seed(3)
     module = "model.layers.0.mlp.up_proj"
     parts = [e.factors(module) for e in tiny_experts]
@@ -188,6 +197,15 @@ def test_dam_export_is_column_scaled_deltas_and_matches_its_layer(tiny_base, tin
         with torch.no_grad():
             want_logits = target_logits(model, states, batch, 0)
     torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=1e-5)
+    # written as a PEFT adapter, PEFT itself runs the same merged model
+    path = save_adapter(tmp_path / "dam", exported, base_model="tiny")
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    try:
+        with torch.no_grad():
+            peft_logits = target_logits(peft_model, states, batch, 0)
+    finally:
+        peft_model.unload()
+    torch.testing.assert_close(got, peft_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_cosine_penalty_by_hand() -> None:
@@ -242,7 +260,9 @@ def test_mc_smoe_groups_merge_and_compress_by_hand() -> None:
     gen = torch.Generator().manual_seed(4)
     parts = [lora(gen, 4, 6, 2), lora(gen, 4, 6, 2)]
     merged = merge_group(parts, [0.5, 0.25])
-    torch.testing.assert_close(merged.delta(), (0.5 * parts[0].delta() + 0.25 * parts[1].delta()) / 0.75)
+    torch.testing.assert_close(
+        merged.delta(), (0.5 * parts[0].delta() + 0.25 * parts[1].delta()) / 0.75
+    )
     small = compress_expert(merged, 1, 0.5)
     u, s, vh = torch.linalg.svd(merged.delta())
     best1 = s[0] * torch.outer(u[:, 0], vh[0])

@@ -20,7 +20,13 @@ import torch
 from lorafuse.core.encode import Encoded, collate
 from lorafuse.core.fit import per_example_nll
 from lorafuse.core.forward import target_logits
-from lorafuse.core.mixture import ConstantMixer, FactorSet, FactorSource, layer_index, mixture_of_loras
+from lorafuse.core.mixture import (
+    ConstantMixer,
+    FactorSet,
+    FactorSource,
+    layer_index,
+    mixture_of_loras,
+)
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.fusion.base import Fusion
 from lorafuse.fusion.ensemble import expert_passes
@@ -43,6 +49,27 @@ def _chunks(items: Sequence[Encoded]) -> list[list[Encoded]]:
     return [list(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
 
 
+def _gram_hook(name: str, grams: dict[str, torch.Tensor], valid: list[torch.Tensor]):
+    """Forward hook adding ``x^T x`` of the module's non-pad inputs to ``grams[name]``."""
+
+    def hook(module, inputs, output) -> None:
+        x = inputs[0][valid[0].to(inputs[0].device)].to(torch.float64)
+        g = (x.T @ x).cpu()
+        grams[name] = grams[name] + g if name in grams else g
+
+    return hook
+
+
+def _grad_hook(name: str, seen: dict[str, list[torch.Tensor]]):
+    """Forward hook keeping the module's input, then (backward) the gradient at its output."""
+
+    def hook(module, inputs, output) -> None:
+        kept = seen[name] = [inputs[0].detach()]
+        output.register_hook(lambda grad: kept.append(grad.detach()))
+
+    return hook
+
+
 @torch.no_grad()
 def expert_grams(
     model: torch.nn.Module,
@@ -57,17 +84,11 @@ def expert_grams(
         states = cache.get(encoded, desc="regmean: states")
         grams: dict[str, torch.Tensor] = {}
         valid: list[torch.Tensor] = []  # the current batch's (B, T) non-pad mask
-
-        def record(name: str):
-            def hook(module, inputs, output) -> None:
-                x = inputs[0][valid[0].to(inputs[0].device)].to(torch.float64)
-                g = x.T @ x
-                grams[name] = grams[name] + g.cpu() if name in grams else g.cpu()
-
-            return hook
-
         with mixture_of_loras(model, [expert], ConstantMixer(torch.ones(1))) as layers:
-            handles = [layer.register_forward_hook(record(n)) for n, layer in layers.items()]
+            handles = [
+                layer.register_forward_hook(_gram_hook(n, grams, valid))
+                for n, layer in layers.items()
+            ]
             try:
                 for start in range(0, len(encoded), CHUNK):
                     chunk = list(encoded[start : start + CHUNK])
@@ -97,17 +118,9 @@ def expert_sensitivities(
         states = cache.get(encoded, desc="sens-merging: states")
         deltas = {m: expert.factors(m).delta().to(torch.float64) for m in expert.module_names}
         seen: dict[str, list[torch.Tensor]] = {}
-
-        def record(name: str):
-            def hook(module, inputs, output) -> None:
-                seen[name] = [inputs[0].detach()]
-                output.register_hook(lambda g: seen[name].append(g.detach()))
-
-            return hook
-
-        mixer = ConstantMixer(torch.ones(1), trainable=True)
+        mixer = ConstantMixer(torch.ones(1), trainable=True)  # outputs need gradients
         with mixture_of_loras(model, [expert], mixer) as mods:
-            handles = [m.register_forward_hook(record(n)) for n, m in mods.items()]
+            handles = [m.register_forward_hook(_grad_hook(n, seen)) for n, m in mods.items()]
             try:
                 for start in range(0, len(encoded), CHUNK):
                     chunk = list(encoded[start : start + CHUNK])
@@ -146,19 +159,24 @@ def logit_distances(
 
 
 def _merged(name: str, modules: dict, info: dict[str, Any]) -> Fusion:
-    return Fusion(name, "merging", [FactorSet(name, modules)], ConstantMixer(torch.ones(1)), info=info)
+    return Fusion(
+        name, "merging", [FactorSet(name, modules)], ConstantMixer(torch.ones(1)), info=info
+    )
 
 
 def regmean(
     ws: Workspace, *, alpha: float = 0.9, per_task: int = 25, scale: float = 1.0, seed: int = 0
 ) -> Fusion:
-    """RegMean / PLeaS least squares: the delta reproducing each expert's layer outputs on
-    its own validation inputs (closed form from their Gram matrices)."""
+    """RegMean / PLeaS: least-squares delta reproducing each expert's outputs on its inputs.
+
+    Closed form from the Gram matrices of each expert's own validation inputs per module."""
     started = time.perf_counter()
     experts = list(ws.private.values())
     grams = expert_grams(ws.base.model, experts, own_data(ws, per_task), ws.cache)
     modules = {
-        m: regmean_module([e.factors(m) for e in experts], [g[m] for g in grams], alpha=alpha, scale=scale)
+        m: regmean_module(
+            [e.factors(m) for e in experts], [g[m] for g in grams], alpha=alpha, scale=scale
+        )
         for m in experts[0].module_names
     }
     return _merged("regmean", modules, {"train_s": time.perf_counter() - started, "alpha": alpha})
@@ -175,8 +193,9 @@ def sens_merging(
     per_task: int = 16,
     seed: int = 0,
 ) -> Fusion:
-    """Sens-Merging: per-layer per-expert coefficients from gradient x delta sensitivity and
-    logit alignment, applied to a base merge (task_arithmetic, ties, dare_ties, ...)."""
+    """Sens-Merging: per-layer coefficients from gradient x delta and logit alignment.
+
+    The coefficients weigh a base merge (task_arithmetic, ties, dare_ties, ...)."""
     started = time.perf_counter()
     params: dict[str, Any] = {"scale": scale, "density": density}
     params = {k: v for k, v in params.items() if v is not None}
@@ -207,8 +226,10 @@ def dam(
     per_task: int = 16,
     seed: int = 0,
 ) -> Fusion:
-    """DAM: per-column scaling coefficients per expert, trained on KL to each expert on its
-    own data plus a cosine regulariser; the merge is an exact LoRA."""
+    """DAM: per-column coefficients per expert, trained on KL to each expert (exact LoRA).
+
+    Objective: KL of the merged model to each expert on its own data, plus DAM's cosine
+    regulariser on the coefficient vectors."""
     experts = list(ws.private.values())
     data = own_data(ws, per_task)
     encoded = [e for part in data for e in part]
@@ -217,7 +238,10 @@ def dam(
         ws.base.model, experts, encoded, owner, ws.cache,
         steps=steps, lr=lr, cos_weight=cos_weight, seed=seed,
     )  # fmt: skip
-    info = {"train_s": result.seconds, "objective_first_last": [result.history[0], result.history[-1]]}
+    info = {
+        "train_s": result.seconds,
+        "objective_first_last": [result.history[0], result.history[-1]],
+    }
     return _merged("dam", result.to_factors(experts), info)
 
 

@@ -364,7 +364,8 @@ FUSION_METHODS: dict[str, FusionMethod] = {
 }
 
 # the seed papers' data-driven merges and routers (issue 11), registered from their modules
-FUSION_METHODS.update({n: _method(n, f, b, **d) for n, (f, b, d) in {**DATA_MERGES, **SEED_ROUTING}.items()})
+_SEEDS = {**DATA_MERGES, **SEED_ROUTING}
+FUSION_METHODS.update({n: _method(n, f, b, **d) for n, (f, b, d) in _SEEDS.items()})
 
 
 def build_fusion(ws: Workspace, name: str, *, seed: int = 0, **params: Any) -> Fusion:

@@ -97,7 +97,9 @@ def lora_retriever(ws: Workspace, *, top_k: int = 3, per_task: int = 20, seed: i
     )
 
 
-def emr_sources(experts: Sequence[FactorSource], rank: int | None) -> tuple[list[FactorSet], list[float]]:
+def emr_sources(
+    experts: Sequence[FactorSource], rank: int | None
+) -> tuple[list[FactorSet], list[float]]:
     """Each task's EMR delta ``lambda_t M_t * tau_uni`` per module as LoRA factors."""
     modules = experts[0].module_names
     per_module = {}
@@ -109,7 +111,13 @@ def emr_sources(experts: Sequence[FactorSource], rank: int | None) -> tuple[list
         abs_task, abs_masked = abs_task + mod.abs_task, abs_masked + mod.abs_masked
     lam = rescalers(torch.as_tensor(abs_task), torch.as_tensor(abs_masked))
     sources = [
-        FactorSet(f"emr{t}", {m: compress_dense(task_delta(mod, t, float(lam[t])), r) for m, (mod, r) in per_module.items()})
+        FactorSet(
+            f"emr{t}",
+            {
+                m: compress_dense(task_delta(mod, t, float(lam[t])), r)
+                for m, (mod, r) in per_module.items()
+            },
+        )
         for t in range(len(experts))
     ]
     return sources, lam.tolist()
@@ -138,7 +146,12 @@ def oracle_route(ws: Workspace, mixer: BatchMixer):
 
 
 def emr(
-    ws: Workspace, *, routing: str = "oracle", rank: int | None = None, per_task: int = 20, seed: int = 0
+    ws: Workspace,
+    *,
+    routing: str = "oracle",
+    rank: int | None = None,
+    per_task: int = 20,
+    seed: int = 0,
 ) -> Fusion:
     """EMR-Merging: unified delta + per-task mask and rescaler, chosen by task label or router."""
     if routing not in ("oracle", "retriever"):
@@ -171,8 +184,9 @@ def mc_smoe(
     per_task: int = 20,
     seed: int = 0,
 ) -> Fusion:
-    """MC-SMoE: group experts by routing statistics, frequency-weighted merge, compress
-    (low rank + column-sparse); route among the groups."""
+    """MC-SMoE: experts grouped by routing statistics, merged, compressed, routed.
+
+    Frequency-weighted merge per group, then low rank + column-sparse compression."""
     started = time.perf_counter()
     experts = list(ws.private.values())
     sources, groups, freq = mc_smoe_sources(

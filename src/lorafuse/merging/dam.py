@@ -111,7 +111,9 @@ def teacher_log_probs(
                 chunk = idx[start : start + 16]
                 batch = collate([encoded[n] for n in chunk], pad)
                 lp = F.log_softmax(
-                    target_logits(model, pad_states([states[n] for n in chunk]), batch, cache.split),
+                    target_logits(
+                        model, pad_states([states[n] for n in chunk]), batch, cache.split
+                    ),
                     -1,
                 )
                 for j, n in enumerate(chunk):
@@ -128,9 +130,7 @@ class DamResult:
     seconds: float = 0.0
 
     def to_factors(self, experts: Sequence[FactorSource]) -> dict[str, LoraFactors]:
-        return {
-            m: dam_factors([e.factors(m) for e in experts], c) for m, c in self.coef.items()
-        }
+        return {m: dam_factors([e.factors(m) for e in experts], c) for m, c in self.coef.items()}
 
 
 def train_dam(

@@ -103,5 +103,7 @@ def layerwise_merge(
     for module in adapters[0].module_names:
         w = coef[pos[layer_index(module)]].tolist()
         seed = module_seed(getattr(parsed, "seed", 0), module)
-        out[module] = merge_module(spec, [a.factors(module) for a in adapters], w, parsed, seed=seed)
+        out[module] = merge_module(
+            spec, [a.factors(module) for a in adapters], w, parsed, seed=seed
+        )
     return out
