@@ -110,6 +110,9 @@ def select_command(
         f"greedy forward ({how})": {i + 1: loss for i, loss in enumerate(greedy.losses)},
         f"hierarchical clusters ({how})": {c: loss for c, (_, loss) in clusters.items()},
     }
+    mc_smoe = _mc_smoe_curve(ws, encoded, how, per_task, counts)
+    if mc_smoe:
+        curves[f"MC-SMoE groups ({how})"] = {c: loss for c, (_, loss) in mc_smoe.items()}
     plot = plot_selection(curves, out / "selection.png", f"expert selection ({len(idx)} val items)")
     result = {
         "how": how,
@@ -120,6 +123,10 @@ def select_command(
             str(c): {"clusters": [[names[i] for i in g] for g in groups], "loss": loss}
             for c, (groups, loss) in clusters.items()
         },
+        "mc_smoe": {
+            str(c): {"groups": [[names[i] for i in g] for g in groups], "loss": loss}
+            for c, (groups, loss) in mc_smoe.items()
+        },
         "seconds": round(time.perf_counter() - t0, 1),
         "seed": seed,
         "plot": str(plot),
@@ -127,6 +134,23 @@ def select_command(
     }
     atomic_write_json(out / "selection.json", result)
     return result
+
+
+def _mc_smoe_curve(
+    ws: Workspace, encoded, how: str, per_task: int | None, counts: list[int]
+) -> dict:
+    """MC-SMoE libraries of 1..K experts from the retriever's routing statistics (needs each
+    expert's task, for its prototype); empty when the tasks are unknown."""
+    from lorafuse.analysis.selection import mc_smoe_selection
+    from lorafuse.fusion.seed_routing import retriever_routing
+
+    if ws.untasked:
+        return {}
+    routing = retriever_routing(ws, per_task or 20)
+    experts = list(ws.private.values())
+    return mc_smoe_selection(
+        ws.base.model, experts, routing, encoded, ws.cache, how=how, counts=counts
+    )
 
 
 def mbc_command(

@@ -6,6 +6,8 @@
   strictly decreasing.
 * ``cluster_selection``: hierarchical clustering of the experts' deltas into ``c`` clusters
   (``c = 1..K``), one exact merged expert per cluster, the same fusion over the clusters.
+* ``mc_smoe_selection``: MC-SMoE's groups from a router's statistics (``c = 1..K``), each
+  group merged by routing frequency and compressed, the same fusion over the groups.
 
 Both report quality against the number of experts kept.
 """
@@ -27,6 +29,7 @@ from lorafuse.eval.report import save_png
 from lorafuse.fusion.base import Fusion, evaluate
 from lorafuse.fusion.hc import cluster_experts, merged_clusters
 from lorafuse.fusion.routers import ArrowRouter
+from lorafuse.merging.mc_smoe import mc_smoe_sources
 
 FUSIONS = ("average", "arrow")
 
@@ -108,6 +111,27 @@ def cluster_counts(k: int, dense_up_to: int = 16) -> list[int]:
     if k <= dense_up_to:
         return list(range(1, k + 1))
     return sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
+
+
+def mc_smoe_selection(
+    model: torch.nn.Module,
+    experts: Sequence[FactorSource],
+    routing: torch.Tensor,
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    *,
+    how: str = "average",
+    rank: int | None = 8,
+    density: float = 0.9,
+    counts: Sequence[int] | None = None,
+) -> dict[int, tuple[list[list[int]], float]]:
+    """``{c: (groups, validation loss)}`` of MC-SMoE libraries of c in ``counts`` (default
+    1..K) experts."""
+    out = {}
+    for c in counts or range(1, len(experts) + 1):
+        sources, groups, _ = mc_smoe_sources(experts, routing, c, rank=rank, density=density)
+        out[c] = (groups, mean_loss(model, sources, how, encoded, cache))
+    return out
 
 
 def plot_selection(curves: dict[str, dict[int, float]], path: str | Path, title: str) -> Path:

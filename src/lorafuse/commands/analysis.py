@@ -60,6 +60,8 @@ def select_cmd(
     typer.echo(f"greedy: {result['greedy']}")
     for c, entry in result["clusters"].items():
         typer.echo(f"{c} clusters: loss {entry['loss']:.4f}  {entry['clusters']}")
+    for c, entry in result["mc_smoe"].items():
+        typer.echo(f"{c} MC-SMoE groups: loss {entry['loss']:.4f}  {entry['groups']}")
     typer.echo(f"wrote {out}/selection.json, selection.png")
     if mbc:
         from lorafuse.analysis.run import mbc_command

@@ -26,10 +26,12 @@ from lorafuse.core.mixture import (
 from lorafuse.core.sparse import top_k_of_weights
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
+from lorafuse.fusion.data_merges import DATA_MERGES
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, merged_clusters
 from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
+from lorafuse.fusion.seed_routing import SEED_ROUTING
 from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
 from lorafuse.fusion.twin import twin_sources as make_twin_sources
 from lorafuse.merging import merge
@@ -382,6 +384,10 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         fusion_method("hc_arrow", "routing", hierarchical),
     ]
 }
+
+# the seed papers' data-driven merges and routers (issue 11), registered from their modules
+_SEEDS = {**DATA_MERGES, **SEED_ROUTING}
+FUSION_METHODS.update({n: fusion_method(n, f, b, **d) for n, (f, b, d) in _SEEDS.items()})
 
 
 register_fusion(FUSION_METHODS.values())  # this layer's own; ELREA's: lorafuse.methods
