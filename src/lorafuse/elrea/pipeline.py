@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from lorafuse.core.encode import Encoded
+from lorafuse.core.forward import num_layers
 from lorafuse.core.mixture import BatchMixer
 from lorafuse.elrea.cluster import Clustering, centroids, cluster_features, elrea_weights
 from lorafuse.elrea.features import estimate_second_moment, gradient_features
@@ -192,6 +193,8 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
                 batch_size=config.batch_size,
                 seed=config.seed + c,
                 warmup=0,
+                # layers from the workspace's split up (the adapter's own, not the default 6)
+                top_layers=num_layers(ws.base.model) - ws.cache.split,
             )
             result = train_adapter(
                 ws.base,
