@@ -275,3 +275,30 @@ def _serve() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--zygote"]:
     _serve()
+
+
+def call(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``lorafuse ARGS`` in this process from ``cwd`` (no pytest fixtures needed)."""
+    import contextlib
+    import io
+
+    from lorafuse.cli import main
+
+    saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        os.chdir(cwd)
+        os.environ.update(env or {})
+        sys.argv = ["lorafuse", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return code, out.getvalue(), err.getvalue()

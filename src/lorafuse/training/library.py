@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lorafuse.core.encode import encode_examples
 from lorafuse.core.states import StateCache
+from lorafuse.errors import LorafuseError
 from lorafuse.fingerprint import Stamp, refuse_mismatch
 from lorafuse.io import atomic_write_text
 from lorafuse.library import ExpertEntry, LibraryManifest, new_manifest, write_manifest
@@ -100,6 +101,8 @@ def _resume_manifest(
 ) -> LibraryManifest:
     """The manifest to continue: this run's, or a new one. A ``library.json`` written by a
     different run (other settings, tasks or base model) is refused, never added to."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LorafuseError("exists and is not a directory (give --out a library folder)", out_dir)
     settings = {"train": config.model_dump(), **(extra or {})}
     stamp = library_stamp(base, suite, tasks, settings)
     file = out_dir / MANIFEST_NAME
