@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,9 @@ def task_file(path: Path, tasks=("up", "rev"), per_split=(12, 4, 4)) -> Path:
         for split, n in zip(("train", "val", "test"), per_split, strict=True):
             for w in words[start : start + n]:
                 answer = w.upper() if task == "up" else w[::-1]
-                rows.append({"task": task, "prompt": f"{task} {w}", "answer": answer, "split": split})
+                rows.append(
+                    {"task": task, "prompt": f"{task} {w}", "answer": answer, "split": split}
+                )
             start += n
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -127,17 +130,20 @@ class Zygote:
         env: dict[str, str] | None = None,
         kill_at: tuple[str, int, bool] | None = None,
         kill_after_s: float | None = None,
-        timeout_s: float = 120,
+        timeout_s: float = 900,
     ) -> tuple[int, str, str]:
         """Run ``lorafuse ARGS``; returns (exit code, stdout, stderr); -9 when killed.
 
         ``kill_at=(target, n, after)``: SIGKILL at the n-th call of ``target`` (a dotted
         name such as ``os.replace``), before it runs or (``after``) once it returned.
+        A child still running after ``timeout_s`` is killed too (a hung command fails).
         """
-        self.start(args, cwd=cwd, env=env, kill_at=kill_at, kill_after_s=kill_after_s)
-        return self.wait(timeout_s)
+        self.start(
+            args, cwd=cwd, env=env, kill_at=kill_at, kill_after_s=kill_after_s, timeout_s=timeout_s
+        )
+        return self.wait()
 
-    def start(self, args, *, cwd, env=None, kill_at=None, kill_after_s=None) -> None:
+    def start(self, args, *, cwd, env=None, kill_at=None, kill_after_s=None, timeout_s=900) -> None:
         """Start a child without waiting (several may run at once); :meth:`wait` for it."""
         cwd = Path(cwd)
         request = {
@@ -146,13 +152,14 @@ class Zygote:
             "env": env or {},
             "kill_at": kill_at,
             "kill_after_s": kill_after_s,
+            "timeout_s": timeout_s,
             "stdout": str(cwd / f".out-{time.monotonic_ns()}"),
         }
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         self._pending = getattr(self, "_pending", []) + [request["stdout"]]
 
-    def wait(self, timeout_s: float = 120) -> tuple[int, str, str]:
+    def wait(self) -> tuple[int, str, str]:
         """The result of the oldest child not yet waited for."""
         line = self.proc.stdout.readline()
         if not line:
@@ -265,9 +272,13 @@ def _serve() -> None:
             got, status = os.waitpid(pid, os.WNOHANG)
             if got:
                 del running[pid]
-                done[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            elif request["kill_after_s"] and time.monotonic() - started > request["kill_after_s"]:
-                os.kill(pid, signal.SIGKILL)
+                done[pid] = (
+                    -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                )
+            else:
+                limit = request["kill_after_s"] or request.get("timeout_s")
+                if limit and time.monotonic() - started > limit:
+                    os.kill(pid, signal.SIGKILL)
         while order and order[0] in done:  # answers in request order
             print(json.dumps({"rc": done.pop(order.pop(0))}), flush=True)
         time.sleep(0.005)
@@ -302,3 +313,13 @@ def call(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
         os.environ.clear()
         os.environ.update(saved_env)
     return code, out.getvalue(), err.getvalue()
+
+
+_PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` a user reads as messages: progress bars (tqdm's, also the
+    one transformers draws while loading weights) are left out."""
+    parts = re.split(r"[\r\n]", stderr)
+    return [p for p in parts if p.strip() and not _PROGRESS.search(p)]

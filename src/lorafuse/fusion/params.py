@@ -53,6 +53,4 @@ def _typed(method: str, key: str, value: Any, hint: Any) -> Any:
     except ValidationError as err:
         why = err.errors()[0].get("msg", "invalid value")
         wanted = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-        raise LorafuseError(
-            f"--param {key}={value!r}: {method} wants {wanted} ({why})"
-        ) from None
+        raise LorafuseError(f"--param {key}={value!r}: {method} wants {wanted} ({why})") from None

@@ -83,9 +83,7 @@ def train_library(
     return manifest
 
 
-def library_stamp(
-    base: BaseModel, suite: TaskSuite, tasks: Sequence[str], settings: dict
-) -> Stamp:
+def library_stamp(base: BaseModel, suite: TaskSuite, tasks: Sequence[str], settings: dict) -> Stamp:
     """The run a library build belongs to: its settings, training examples and base model."""
     data = [(ex.task, ex.prompt, ex.answer) for ex in suite.get("train", tasks)]
     return Stamp.of(settings, {"tasks": list(tasks), "train": data}, base.fingerprint)
