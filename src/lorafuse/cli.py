@@ -16,7 +16,7 @@ import typer
 from lorafuse.commands import analysis, evaluate, fusion, merging, train
 from lorafuse.commands.export import export as export_command
 from lorafuse.commands.library import app as library_app
-from lorafuse.errors import LorafuseError
+from lorafuse.failures import one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -72,26 +72,17 @@ def main() -> None:
         sys.argv.remove("--debug")
     try:
         code = app(standalone_mode=False)
-    except LorafuseError as err:
-        if debug:
-            raise
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except Exception as err:  # usage errors and the like
-        # typer 0.29 vendors click (typer._click): its exceptions are not click's classes
-        if callable(getattr(err, "show", None)) and isinstance(
-            getattr(err, "exit_code", None), int
-        ):
-            err.show()
-            sys.exit(err.exit_code)
+    except Exception as err:
         if isinstance(err, typer.Abort):
             typer.echo("aborted", err=True)
             sys.exit(130)
-        if type(err).__name__ == "ValidationError" and not debug:  # pydantic: a bad setting
-            first = err.errors()[0]  # type: ignore[attr-defined]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            typer.echo(f"error: {where}: {first.get('msg')}", err=True)
-            sys.exit(2)
-        raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `lorafuse CMD`: its help
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(err.exit_code)  # type: ignore[attr-defined]
+        failure = None if debug and not hasattr(err, "exit_code") else one_line(err)
+        if failure is None:
+            raise
+        typer.echo(failure[0], err=True)
+        sys.exit(failure[1])
     if isinstance(code, int) and code:  # typer returns exit codes here (130 after Ctrl-C)
         sys.exit(code)

@@ -96,12 +96,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Build a directory in a temp sibling and move it to ``path`` only if the block succeeds.
 
     Yields the temp directory (``.<name>.tmp-XXXX`` next to ``path``). On success an existing
     ``path`` is renamed aside, the new directory renamed in, and the old one deleted. On an
     exception the temp directory is removed and an existing ``path`` is left untouched.
+    ``replace=False`` (shared caches): the first writer wins; if another process published
+    ``path`` meanwhile, this one's result is dropped and theirs, which readers may already
+    be using, stays in place.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -112,10 +115,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         yield tmp
         _fsync_tree(tmp)
-        _publish(tmp, path)
+        if replace:
+            _publish(tmp, path)
+        elif not _publish_if_absent(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_if_absent(tmp: Path, path: Path) -> bool:
+    """Rename ``tmp`` to ``path`` unless a non-empty ``path`` exists (atomic on POSIX)."""
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if path.is_dir():
+            return False
+        raise
+    _fsync_dir(path.parent)
+    return True
 
 
 def _publish(tmp: Path, path: Path) -> None:

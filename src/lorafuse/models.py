@@ -64,7 +64,7 @@ def embedded_model_dir() -> Path:
         model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = EMBEDDED_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=False) as tmp:  # another process may be reading it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

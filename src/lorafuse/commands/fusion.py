@@ -50,7 +50,8 @@ def compare(
 
 def elrea_cmd(
     library: Annotated[
-        Path | None, typer.Option(help="Library (default: the shipped one); output goes inside.")
+        Path | None,
+        typer.Option(help="Library (default: the shipped one, built into the cache)."),
     ] = None,
     base_model: BaseOpt = "embedded",
     tasks: TasksOpt = "builtin",
@@ -65,7 +66,7 @@ def elrea_cmd(
 ) -> None:
     """ELREA: gradient features of the training set, BIRCH clusters, one expert per cluster
     from the multi-task adapter (resumable: rerun after an interruption)."""
-    from lorafuse.elrea.pipeline import ElreaConfig, build_elrea, elrea_dir
+    from lorafuse.elrea.pipeline import ElreaConfig, build_elrea, elrea_build_dir
     from lorafuse.workspace import open_workspace
 
     config = ElreaConfig(
@@ -77,7 +78,7 @@ def elrea_cmd(
         seed=seed,
     )
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
-    out = elrea_dir(ws.library, clustering)
+    out = elrea_build_dir(ws.library, clustering)  # never inside the installed package
     info = build_elrea(ws, out, config)
     sizes = [e["size"] for e in info["experts"]]
     typer.echo(f"ELREA ({clustering}): {len(sizes)} clusters of sizes {sizes} -> {out}")

@@ -3,7 +3,10 @@
 Every expert and every fusion method adapts only layers ``split..L-1`` by default, so the
 states below are shared by all of them. They are cached per example in memory and on disk
 (shards named by model fingerprint and split layer, examples keyed by their token ids),
-built lazily on first use.
+built lazily on first use. Each shard also records the model and split in its metadata, and
+a shard whose record does not match (or that cannot be read) is never used. Shards are
+written atomically under unique temporary names, so processes sharing the cache never see
+each other's half-written files.
 """
 
 from __future__ import annotations
@@ -54,10 +57,15 @@ class StateCache:
         self.progress = progress
         self._memory: dict[str, torch.Tensor] = {}
         self._shards_read: set[Path] = set()
+        self._model = base.fingerprint if self.directory is not None else ""
 
     @property
     def _prefix(self) -> str:
-        return f"{self.base.fingerprint}-{self.split}-"
+        return f"{self._model}-{self.split}-"
+
+    def _identity(self) -> dict[str, str]:
+        """What a shard must record to be read: the model's fingerprint and the split."""
+        return {"model": self._model, "split": str(self.split)}
 
     def get(self, encoded: Sequence[Encoded], desc: str = "states") -> list[torch.Tensor]:
         """One (len_i, H) tensor per example, in the order given.
@@ -85,8 +93,17 @@ class StateCache:
         for file in sorted(self.directory.glob(f"{self._prefix}*.safetensors")):
             if file in self._shards_read:
                 continue
-            with safe_open(str(file), framework="pt") as handle:
-                keys = json.loads((handle.metadata() or {}).get("keys", "[]"))
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    meta = handle.metadata() or {}
+            except Exception:  # not a safetensors file (damaged by something else): skip
+                self._shards_read.add(file)
+                continue
+            keys = json.loads(meta.get("keys", "[]"))
+            recorded = {k: meta[k] for k in self._identity() if k in meta}
+            if recorded and recorded != self._identity():
+                self._shards_read.add(file)  # another model's or split's states
+                continue
             if not wanted.intersection(keys):
                 continue
             self._shards_read.add(file)
@@ -134,7 +151,7 @@ class StateCache:
             "lengths": torch.tensor([s.shape[0] for s in states.values()]),
         }
         with atomic_path(file) as tmp:
-            save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys)})
+            save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys), **self._identity()})
         self._shards_read.add(file)
 
 

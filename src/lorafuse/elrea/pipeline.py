@@ -19,6 +19,7 @@ uniform weights at inference (``weights="uniform"``).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -33,12 +34,23 @@ from lorafuse.core.mixture import BatchMixer
 from lorafuse.elrea.cluster import Clustering, centroids, cluster_features, elrea_weights
 from lorafuse.elrea.features import estimate_second_moment, gradient_features
 from lorafuse.errors import LorafuseError
+from lorafuse.fingerprint import (
+    FINGERPRINT_NAME,
+    Stamp,
+    examples_digest,
+    files_digest,
+    mismatch,
+    read_stamp,
+    say,
+    write_stamp,
+)
 from lorafuse.fusion.base import Ensemble, Fusion
 from lorafuse.io import atomic_path, atomic_write_json, read_json
 from lorafuse.library import LoraAdapter
+from lorafuse.models import cache_root
 from lorafuse.training.config import TrainConfig
 from lorafuse.training.train import top_layers_at, train_adapter
-from lorafuse.workspace import Workspace
+from lorafuse.workspace import DEFAULT_LIBRARY, Workspace
 
 Clusterer = Literal["gradient", "random", "embedding"]
 
@@ -66,8 +78,59 @@ class ElreaConfig(BaseModel):
 
 
 def elrea_dir(library: str | Path, clustering: str) -> Path:
-    """Where a library keeps the ELREA build of one clustering."""
+    """Where the ELREA build of one clustering is read from: inside the library, except for
+    the shipped library, whose own build is used until ``lorafuse elrea`` has made one in
+    the cache (:func:`elrea_build_dir`)."""
+    built = elrea_build_dir(library, clustering)
+    if (built / "elrea.json").is_file():
+        return built
     return Path(library) / "elrea" / clustering
+
+
+def elrea_build_dir(library: str | Path, clustering: str) -> Path:
+    """Where ``lorafuse elrea`` writes: inside the library, but never into the installed
+    package: builds for the shipped library go to ``cache_root()/elrea/default-HASH``."""
+    library = Path(library)
+    if library.resolve() != DEFAULT_LIBRARY.resolve():
+        return library / "elrea" / clustering
+    shipped = files_digest([DEFAULT_LIBRARY / "library.json"])[:8]
+    return cache_root() / "elrea" / f"default-{shipped}" / clustering
+
+
+def elrea_stamp(ws: Workspace, config: ElreaConfig, train: list[Encoded]) -> Stamp:
+    """The run an ELREA build belongs to: settings (not the inference temperature),
+    featurised examples, base model, split and base adapter."""
+    adapter = ws.adapters[config.base_adapter]
+    return Stamp.of(
+        config.model_dump(exclude={"temperature"}),
+        examples_digest(train),
+        {
+            "base": ws.base.fingerprint,
+            "split": ws.cache.split,
+            "adapter": files_digest([adapter.path / "adapter_config.json", adapter.weights_path]),
+        },
+    )
+
+
+_BUILT = ("elrea.json", "second_moment.safetensors", "experts")
+
+
+def claim_build(out: Path, stamp: Stamp) -> None:
+    """Make ``out`` belong to this run: a build of another run (or one without a
+    fingerprint) is removed first, saying so, so its experts never pair with new clusters."""
+    have = read_stamp(out / FINGERPRINT_NAME)
+    stale = [name for name in _BUILT if (out / name).exists()]
+    parts = stamp.differs(have)
+    if parts and stale:
+        say(f"{out}: ELREA build of a different run ({mismatch(parts)}); rebuilding from scratch")
+        for name in _BUILT:  # elrea.json first: no reader sees a half-removed build
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    if parts:
+        write_stamp(out / FINGERPRINT_NAME, stamp)
 
 
 def _prompt_embeddings(ws: Workspace, encoded: list[Encoded]) -> torch.Tensor:
@@ -106,6 +169,7 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
     train = [ws.encoded("train")[i] for i in ws.per_task("train", config.train_per_task)]
     base_path = ws.adapters[config.base_adapter].path
     out.mkdir(parents=True, exist_ok=True)
+    claim_build(out, elrea_stamp(ws, config, train))
     v_file = out / "second_moment.safetensors"
     if not v_file.is_file():
         v = estimate_second_moment(ws.base, base_path, train, ws.cache)

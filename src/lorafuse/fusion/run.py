@@ -23,6 +23,7 @@ from lorafuse.eval.run import (
 )
 from lorafuse.fusion.base import evaluate
 from lorafuse.fusion.methods import build_fusion  # registers this layer's methods
+from lorafuse.fusion.params import check_params
 from lorafuse.io import atomic_write_json
 from lorafuse.library import LoraAdapter
 from lorafuse.tasks.example import ALL
@@ -116,6 +117,7 @@ def fusion_command(
             "--split all scores adapters as they are; fusion methods fit on the val split "
             "(use --split test)"
         )
+    params = check_params(methods, params)  # before anything loads: one line, nothing written
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
     rows, info = run_methods(ws, {m: (m, dict(params)) for m in methods}, split, seed=seed)
     reference, notes = None, []

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from lorafuse.core.encode import encode_examples
 from lorafuse.core.states import StateCache
+from lorafuse.errors import LorafuseError
+from lorafuse.fingerprint import Stamp, refuse_mismatch
 from lorafuse.io import atomic_write_text
 from lorafuse.library import ExpertEntry, LibraryManifest, new_manifest, write_manifest
 from lorafuse.library.manifest import MANIFEST_NAME, read_manifest
@@ -40,7 +42,7 @@ def train_library(
     out_dir = Path(out_dir)
     tasks = list(tasks or suite.tasks)
     cache = StateCache(base, split_layer(base.model, config.top_layers), progress=progress)
-    manifest = _resume_manifest(out_dir, base, config, extra_config)
+    manifest = _resume_manifest(out_dir, base, suite, tasks, config, extra_config)
     done = {e.name for e in manifest.experts if (out_dir / e.path).is_dir()}
     jobs = [(t, [t], "private", config) for t in tasks]
     mt_config = config.model_copy(update={"steps": multitask_steps or 2 * config.steps})
@@ -81,16 +83,38 @@ def train_library(
     return manifest
 
 
+def library_stamp(base: BaseModel, suite: TaskSuite, tasks: Sequence[str], settings: dict) -> Stamp:
+    """The run a library build belongs to: its settings, training examples and base model."""
+    data = [(ex.task, ex.prompt, ex.answer) for ex in suite.get("train", tasks)]
+    return Stamp.of(settings, {"tasks": list(tasks), "train": data}, base.fingerprint)
+
+
 def _resume_manifest(
-    out_dir: Path, base: BaseModel, config: TrainConfig, extra: dict | None
+    out_dir: Path,
+    base: BaseModel,
+    suite: TaskSuite,
+    tasks: Sequence[str],
+    config: TrainConfig,
+    extra: dict | None,
 ) -> LibraryManifest:
+    """The manifest to continue: this run's, or a new one. A ``library.json`` written by a
+    different run (other settings, tasks or base model) is refused, never added to."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LorafuseError("exists and is not a directory (give --out a library folder)", out_dir)
     settings = {"train": config.model_dump(), **(extra or {})}
-    if (out_dir / MANIFEST_NAME).is_file():
+    stamp = library_stamp(base, suite, tasks, settings)
+    file = out_dir / MANIFEST_NAME
+    if file.is_file():
         manifest = read_manifest(out_dir)
-        if manifest.config.get("train") == settings["train"]:
-            return manifest
+        have = Stamp.from_dict(manifest.config.get("stamp"))
+        legacy = have is None and manifest.config.get("train") == settings["train"]
+        if not legacy:
+            hint = "train into a new --out, or delete it to start over"
+            refuse_mismatch(file, have, stamp, "the library being built", hint)
+        manifest.config["stamp"] = stamp.as_dict()
+        return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
-    return new_manifest(base.name, [], settings)
+    return new_manifest(base.name, [], {**settings, "stamp": stamp.as_dict()})
 
 
 def write_expert_card(adapter_dir: Path, entry: ExpertEntry, base_name: str) -> None:

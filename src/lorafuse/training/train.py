@@ -21,6 +21,7 @@ from lorafuse.core.encode import Encoded, collate
 from lorafuse.core.fit import batch_indices, per_example_nll
 from lorafuse.core.forward import num_layers, target_logits
 from lorafuse.core.states import StateCache, pad_states
+from lorafuse.fingerprint import Stamp, examples_digest, files_digest, mismatch, say
 from lorafuse.io import atomic_dir, atomic_path
 from lorafuse.models import BaseModel
 from lorafuse.training.config import TrainConfig
@@ -107,6 +108,7 @@ def train_adapter(
     split = split_layer(base.model, config.top_layers)
     if split != cache.split:
         raise ValueError(f"state cache is at layer {cache.split}, training needs {split}")
+    stamp = run_stamp(base, encoded, config, split, init_adapter, loss_fn)
     states = cache.get(encoded, desc=f"{desc}: states")
     torch.manual_seed(config.seed)
     if init_adapter is not None:
@@ -117,7 +119,7 @@ def train_adapter(
     model.peft_config[model.active_adapter].base_model_name_or_path = base.name
     try:
         return _train_loop(
-            model, base, encoded, states, config, split, out_dir, desc, progress, loss_fn
+            model, base, encoded, states, config, split, out_dir, desc, progress, loss_fn, stamp
         )
     finally:
         model.unload()  # remove the LoRA layers, leave the base model untouched
@@ -135,15 +137,16 @@ def _train_loop(
     desc: str,
     progress: bool,
     loss_fn: ExampleLoss | None = None,
+    stamp: Stamp | None = None,
 ) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     ckpt = out_dir.parent / f".{out_dir.name}.ckpt.pt"
     step, losses, elapsed = 0, [], 0.0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["lora"], strict=False)
+    state = _resumable(ckpt, model, stamp, desc)
+    if state is not None:
+        model.load_state_dict(state["lora"], strict=False)  # keys checked equal above
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
@@ -167,7 +170,8 @@ def _train_loop(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
         if step % config.checkpoint_every == 0 and step < config.steps:
-            _checkpoint(ckpt, model, opt, sched, step, losses, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            _checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp)
     bar.close()
     model.eval()
     train_time = time.perf_counter() - start
@@ -178,7 +182,54 @@ def _train_loop(
     return TrainResult(out_dir, step, train_time, losses)
 
 
-def _checkpoint(ckpt, model, opt, sched, step, losses, elapsed) -> None:
+def run_stamp(
+    base: BaseModel,
+    encoded: Sequence[Encoded],
+    config: TrainConfig,
+    split: int,
+    init_adapter: str | Path | None,
+    loss_fn: ExampleLoss | None,
+) -> Stamp:
+    """What a checkpoint must match to be resumed: settings, examples, model and start."""
+    settings = config.model_dump(exclude={"checkpoint_every"})
+    loss = None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    start = None
+    if init_adapter is not None:
+        folder = Path(init_adapter)
+        start = files_digest(sorted(folder.glob("adapter_config.json")))
+        start += files_digest(sorted(folder.glob("adapter_model.*")))
+    return Stamp.of(
+        {"train": settings, "loss": loss},
+        examples_digest(encoded),
+        {"base": base.fingerprint, "split": split, "init": start},
+    )
+
+
+def _resumable(ckpt: Path, model: PeftModel, stamp: Stamp | None, desc: str) -> dict | None:
+    """The checkpoint's state if it belongs to this run; else delete it and say so."""
+    if not ckpt.is_file():
+        return None
+    why = None
+    try:
+        state = torch.load(ckpt, weights_only=True)
+    except Exception as err:  # a checkpoint from another torch, or damaged
+        state, why = None, f"unreadable ({type(err).__name__})"
+    if state is not None and stamp is not None:
+        parts = stamp.differs(Stamp.from_dict(state.get("stamp")))
+        if parts:
+            why = f"a different run: {mismatch(parts)}"
+    if state is not None and why is None:
+        want = {k for k in model.state_dict() if "lora_" in k}
+        if set(state.get("lora", {})) != want:
+            why = "its LoRA weights do not match this adapter"
+    if why is None:
+        return state
+    say(f"{ckpt}: checkpoint not resumed ({why}); {desc} restarts from step 0")
+    ckpt.unlink(missing_ok=True)
+    return None
+
+
+def _checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp) -> None:
     lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     with atomic_path(ckpt) as tmp:
         torch.save(
@@ -189,6 +240,7 @@ def _checkpoint(ckpt, model, opt, sched, step, losses, elapsed) -> None:
                 "step": step,
                 "losses": losses,
                 "elapsed": elapsed,
+                "stamp": None if stamp is None else stamp.as_dict(),
             },
             tmp,
         )
