@@ -58,12 +58,35 @@ def train(
     rank: int = 8,
     alpha: float = 16.0,
     top_layers: Annotated[int, typer.Option(help="LoRA on the last N layers (0 = all).")] = 6,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Each expert a Ray task: 'auto' (running cluster, else local), "
+            "'local', or a cluster ADDRESS."
+        ),
+    ] = None,
+    cpus_per_expert: Annotated[int, typer.Option(min=1, help="Ray: CPUs per expert.")] = 1,
+    gpus_per_expert: Annotated[
+        float | None, typer.Option(min=0, help="Ray: GPUs per expert (default 1 if any).")
+    ] = None,
 ) -> None:
     """Train one private LoRA expert per task plus a multi-task adapter (resumable)."""
+    from functools import partial
+
     from lorafuse.models import load_base_model
     from lorafuse.tasks import load_tasks
     from lorafuse.training.config import TrainConfig
     from lorafuse.training.library import train_library
+
+    run = train_library
+    if ray is not None:
+        from lorafuse.training.distributed import import_ray, train_library_ray
+
+        import_ray()  # not installed: say so before loading the model
+        run = partial(
+            train_library_ray, address=ray, cpus_per_expert=cpus_per_expert,
+            gpus_per_expert=gpus_per_expert,
+        )  # fmt: skip
 
     config = TrainConfig(
         steps=steps,
@@ -76,7 +99,7 @@ def train(
     )
     base = load_base_model(base_model)
     suite = load_tasks(tasks, seed=seed)
-    manifest = train_library(
+    manifest = run(
         base,
         suite,
         out,
@@ -456,6 +479,14 @@ def scale_study_cmd(
 
 @app.callback()
 def _global(
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Torch device of every command: auto (CUDA when present, else CPU), cpu, "
+            "cuda, cuda:N (also $LORAFUSE_DEVICE).",
+        ),
+    ] = None,
     bigbench_dir: Annotated[
         Path | None,
         typer.Option(
@@ -466,6 +497,12 @@ def _global(
     ] = None,
 ) -> None:
     """Fuse libraries of LoRA experts: ensembling, merging and routing, measured."""
+    if device is not None:
+        import os
+
+        from lorafuse.device import DEVICE_ENV, resolve_device
+
+        os.environ[DEVICE_ENV] = str(resolve_device(device))  # read by load_base_model
     if bigbench_dir is not None:
         import os
 

@@ -13,6 +13,12 @@ from lorafuse.errors import LorafuseError
 DEVICE_ENV = "LORAFUSE_DEVICE"
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """``None`` -> ``$LORAFUSE_DEVICE`` or ``auto``; ``auto`` -> ``cuda`` if present, else
     ``cpu``; anything else is a torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""

@@ -106,7 +106,7 @@ class MixtureLinear(nn.Module):
         self.mixer = mixer  # a plain attribute: shared by all layers, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.mixer.weights(self, x)
+        a = self.mixer.weights(self, x).to(x.device)  # mixers and routers may sit on the CPU
         out = self.base(x)
         if getattr(self.mixer, "one_per_item", False) and a.dim() == 2 and x.dim() == 3:
             return self._one_expert_per_item(x, a, out)
