@@ -97,3 +97,35 @@ def test_without_ray_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(LorafuseError, match=r"pip install 'lorafuse\[ray\]'"):
         distributed.import_ray()
+
+
+def test_ray_features_equal_serial_and_rerun_fills_only_missing_chunks(
+    ray_local, tiny_base, tmp_path: Path
+) -> None:
+    """ELREA gradient features as one Ray task per chunk: the serial chunks, bit for bit."""
+    from test_grad_features import examples, make_adapter
+
+    from lorafuse.elrea import gradient_features
+    from lorafuse.elrea.distributed import gradient_features_ray
+
+    adapter = make_adapter(tiny_base.model, tmp_path / "adapter", layers=[1])
+    encoded = examples(10)
+    kwargs = dict(dim=16, chunk_size=4, batch_size=3, progress=False)
+    serial_cache = StateCache(tiny_base, 1, tmp_path / "serial_states", progress=False)
+    want = gradient_features(
+        tiny_base, adapter, encoded, serial_cache, directory=tmp_path / "serial", **kwargs
+    )
+    cache = StateCache(tiny_base, 1, tmp_path / "ray_states", progress=False)
+    out = tmp_path / "ray"
+    got = gradient_features_ray(tiny_base, adapter, encoded, cache, directory=out, **kwargs)
+    assert got.shape == (10, 16) and torch.equal(got, want)
+
+    chunks = sorted(out.glob("*/chunk-*.safetensors"))
+    assert [c.name for c in chunks] == [
+        "chunk-00000-4.safetensors", "chunk-00001-4.safetensors", "chunk-00002-2.safetensors"
+    ]  # fmt: skip
+    kept = {c: c.stat().st_mtime_ns for c in (chunks[0], chunks[2])}
+    chunks[1].unlink()  # a chunk lost (an interrupted run never wrote it)
+    again = gradient_features_ray(tiny_base, adapter, encoded, cache, directory=out, **kwargs)
+    assert torch.equal(again, want) and chunks[1].is_file()
+    assert {c: c.stat().st_mtime_ns for c in kept} == kept

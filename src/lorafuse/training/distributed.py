@@ -77,6 +77,24 @@ def base_spec(base: BaseModel) -> str | BaseModel:
     return str(base.path.resolve())
 
 
+def worker_base(base: str | BaseModel, device: str, threads: int) -> BaseModel:
+    """In a worker: ``threads`` torch threads, and the base model (from :func:`base_spec`)
+    on ``device``."""
+    torch.set_num_threads(threads)
+    if isinstance(base, str):
+        return load_base_model(base, device=device)
+    base.model.to(device)
+    return base
+
+
+def submit_options(ray, cpus: int, gpus: float | None) -> tuple[dict, str]:
+    """Ray task resources (GPUs: 1 when the cluster has any, unless given) and the device
+    a worker then uses."""
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return {"num_cpus": cpus, "num_gpus": gpus}, "cuda" if gpus > 0 else "cpu"
+
+
 def run_job(
     base: str | BaseModel,
     job: ExpertJob,
@@ -87,11 +105,7 @@ def run_job(
     threads: int,
 ) -> ExpertEntry:
     """One expert, in a Ray worker (a plain function: callable without Ray, too)."""
-    torch.set_num_threads(threads)
-    if isinstance(base, str):
-        base = load_base_model(base, device=device)
-    else:
-        base.model.to(device)
+    base = worker_base(base, device, threads)
     split = split_layer(base.model, job.config.top_layers)
     directory = Path(cache_dir) if cache_dir else None
     cache = StateCache(base, split, directory, persist=directory is not None, progress=False)
@@ -127,21 +141,15 @@ def train_library_ray(
     if not todo:
         return manifest
     connect(address)
-    if gpus_per_expert is None:
-        gpus_per_expert = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    device = "cuda" if gpus_per_expert > 0 else "cpu"
+    resources, device = submit_options(ray, cpus_per_expert, gpus_per_expert)
     persist = plan_of(base.model).path != "full"  # as StateCache decides
     states = str(Path(cache_dir or cache_root() / "states").resolve()) if persist else None
     remote = ray.remote(run_job)
-    base_arg = base_spec(base)
-    if isinstance(base_arg, BaseModel):
-        base_arg = ray.put(base_arg)
+    base_arg = shipped_base(ray, base)
     # the longest jobs first: the multi-task adapter (most steps, all data) ends last otherwise
     todo = sorted(todo, key=lambda job: -job.config.steps)
     running = {
-        remote.options(
-            num_cpus=cpus_per_expert, num_gpus=gpus_per_expert, name=f"lorafuse:{job.name}"
-        ).remote(
+        remote.options(**resources, name=f"lorafuse:{job.name}").remote(
             base_arg, job, job_data(base, suite, job), str(out_dir), states, device,
             cpus_per_expert,
         ): job
@@ -163,10 +171,22 @@ def train_library_ray(
         record_expert(out_dir, manifest, entry, jobs)
         bar.update(1)
     bar.close()
-    if failures:
-        name, err = failures[0]
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, LorafuseError):
-            raise LorafuseError(f"expert {name}: {cause}") from None
-        raise err
+    raise_first(failures, "expert")
     return manifest
+
+
+def shipped_base(ray, base: BaseModel):
+    """:func:`base_spec`, a model put into the object store once for all tasks."""
+    spec = base_spec(base)
+    return ray.put(spec) if isinstance(spec, BaseModel) else spec
+
+
+def raise_first(failures: Sequence[tuple[str, BaseException]], what: str) -> None:
+    """Re-raise the first failed task's error (one line for a :class:`LorafuseError`)."""
+    if not failures:
+        return
+    name, err = failures[0]
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, LorafuseError):
+        raise LorafuseError(f"{what} {name}: {cause}") from None
+    raise err
