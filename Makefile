@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/pyvenv.cfg
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -25,6 +25,15 @@ With ``--features``: the wall time of :func:`lorafuse.elrea.gradient_features` (
 estimated in a first pass, Rademacher projection to ``--dim``) in a throwaway cache folder.
 Each time is one timed call after a warm-up batch.
 
+``grad_features_vs_batched_backward: ratio=X.XX (A s vs B s)``: how close the features are
+to the physical limit. A = :func:`lorafuse.elrea.gradient_features` for all examples given
+the Adam second moment (estimated before timing, as a trained adapter's optimizer state
+would give it): per-example gradients, Adam normalisation, projection, chunks written to
+disk. B = one plain batched backward of the same examples in the same length-sorted
+batches (the same loss, ``torch.autograd.grad`` of its sum w.r.t. the LoRA weights, no
+per-example gradients kept). Target: ratio <= 1.3. ``--clock cpu`` times both with this
+process's CPU time (one thread on a busy machine).
+
 Measured on 1 thread of a shared 2-core Xeon (AVX-512): ratio 1.6 for ``--target prompt``,
 2.4 for ``--target answer``; both sides run the same matrix products (the loop is not
 wasteful, only its ~30-row GEMMs are less efficient), so the >= 5 target is out of reach on
@@ -45,6 +54,7 @@ from lorafuse.core.encode import encode_examples
 from lorafuse.core.peft_adapters import peft_adapters
 from lorafuse.core.states import StateCache
 from lorafuse.elrea import (
+    estimate_second_moment,
     gradient_features,
     lora_linears,
     per_example_lora_grads,
@@ -68,6 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--features", action="store_true", help="also time gradient_features")
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +148,8 @@ def main() -> None:
     )
     print(f"per_example_grads_err: max_rel_diff={rel:.2e} (over {loop_n} examples)")
 
+    features_vs_backward(args, base, cache, encoded, states)
+
     if args.features:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -156,6 +169,58 @@ def main() -> None:
             f"gradient_features: {t_feat:.2f} s for {n} examples, dim={args.dim} "
             f"(v estimated in a first pass; shape {tuple(feats.shape)})"
         )
+
+
+def plain_batched_backward(model, states, encoded, batches, pad: int, target: str) -> None:
+    """One backward per batch of the summed per-example losses, LoRA weight gradients only."""
+    from lorafuse.elrea.features import _example_losses, _inputs  # the features' own loss
+
+    weights = [lin.module.weight for lin in lora_linears(model)]
+    device = next(model.parameters()).device
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for idx in batches:
+            padded, batch = _inputs(
+                [states[i] for i in idx], [encoded[i] for i in idx], pad, target
+            )
+            with torch.enable_grad():
+                loss = _example_losses(model, padded.to(device), batch, SPLIT).sum()
+                torch.autograd.grad(loss, weights, allow_unused=True)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+
+
+def features_vs_backward(args, base, cache, encoded, states) -> None:
+    n, bs, pad = len(encoded), args.batch_size, base.tokenizer.pad_token_id
+    order = sorted(range(n), key=lambda i: len(encoded[i].ids))
+    batches = [order[s : s + bs] for s in range(0, n, bs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        v = estimate_second_moment(
+            base, ADAPTER, encoded, cache, target=args.target, batch_size=bs, directory=tmp,
+            progress=False,
+        )  # fmt: skip
+        t0 = _clock(args.clock)
+        gradient_features(
+            base, ADAPTER, encoded, cache, dim=args.dim, target=args.target, batch_size=bs,
+            adam_state=v, directory=Path(tmp) / "features", progress=False,
+        )  # fmt: skip
+        t_feat = _clock(args.clock) - t0
+    with peft_adapters(base, {"multitask": ADAPTER}) as model:
+        plain_batched_backward(model, states, encoded, batches[:1], pad, args.target)  # warm-up
+        t0 = _clock(args.clock)
+        plain_batched_backward(model, states, encoded, batches, pad, args.target)
+        t_back = _clock(args.clock) - t0
+    print(
+        f"grad_features_vs_batched_backward: ratio={t_feat / t_back:.2f} "
+        f"({t_feat:.2f} s vs {t_back:.2f} s)  [{n} examples, batches of {bs}, dim={args.dim}, "
+        f"clock={args.clock}; target <= 1.3]"
+    )
+
+
+def _clock(kind: str) -> float:
+    return time.process_time() if kind == "cpu" else time.perf_counter()
 
 
 if __name__ == "__main__":

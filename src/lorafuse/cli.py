@@ -42,6 +42,14 @@ app.command("scale-study")(analysis.scale_study_cmd)
 
 @app.callback()
 def _global(
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Torch device of every command: auto (CUDA when present, else CPU), cpu, "
+            "cuda, cuda:N (also $LORAFUSE_DEVICE).",
+        ),
+    ] = None,
     bigbench_dir: Annotated[
         Path | None,
         typer.Option(
@@ -52,6 +60,12 @@ def _global(
     ] = None,
 ) -> None:
     """Fuse libraries of LoRA experts: ensembling, merging and routing, measured."""
+    if device is not None:
+        import os
+
+        from lorafuse.device import DEVICE_ENV, resolve_device
+
+        os.environ[DEVICE_ENV] = str(resolve_device(device))  # read by load_base_model
     if bigbench_dir is not None:
         import os
 

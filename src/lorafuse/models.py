@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lorafuse.device import resolve_device
 from lorafuse.errors import LorafuseError
 from lorafuse.io import atomic_dir
 
@@ -109,9 +110,11 @@ def resolve_base_model(spec: str | Path | None) -> Path:
 
 
 def load_base_model(
-    spec: str | Path | None = None, *, device: str | torch.device = "cpu"
+    spec: str | Path | None = None, *, device: str | torch.device | None = None
 ) -> BaseModel:
-    """Load a base model in fp32, eval mode, gradients off."""
+    """Load a base model in fp32, eval mode, gradients off, on ``device`` (default: see
+    :func:`lorafuse.device.resolve_device`: ``$LORAFUSE_DEVICE``, else CUDA if present)."""
+    device = resolve_device(device)
     path = resolve_base_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

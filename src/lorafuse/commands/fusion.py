@@ -63,6 +63,10 @@ def elrea_cmd(
     total_steps: Annotated[int, typer.Option(help="Training steps over all clusters.")] = 150,
     lr: float = 1e-3,
     seed: SeedOpt = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(help="Gradient features sharded over Ray: 'auto', 'local' or ADDRESS."),
+    ] = None,
 ) -> None:
     """ELREA: gradient features of the training set, BIRCH clusters, one expert per cluster
     from the multi-task adapter (resumable: rerun after an interruption)."""
@@ -79,7 +83,7 @@ def elrea_cmd(
     )
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
     out = elrea_build_dir(ws.library, clustering)  # never inside the installed package
-    info = build_elrea(ws, out, config)
+    info = build_elrea(ws, out, config, ray=ray)
     sizes = [e["size"] for e in info["experts"]]
     typer.echo(f"ELREA ({clustering}): {len(sizes)} clusters of sizes {sizes} -> {out}")
     for note in info["notes"]:

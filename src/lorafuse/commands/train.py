@@ -22,12 +22,35 @@ def train(
     rank: int = 8,
     alpha: float = 16.0,
     top_layers: Annotated[int, typer.Option(help="LoRA on the last N layers (0 = all).")] = 6,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Each expert a Ray task: 'auto' (running cluster, else local), "
+            "'local', or a cluster ADDRESS."
+        ),
+    ] = None,
+    cpus_per_expert: Annotated[int, typer.Option(min=1, help="Ray: CPUs per expert.")] = 1,
+    gpus_per_expert: Annotated[
+        float | None, typer.Option(min=0, help="Ray: GPUs per expert (default 1 if any).")
+    ] = None,
 ) -> None:
     """Train one private LoRA expert per task plus a multi-task adapter (resumable)."""
+    from functools import partial
+
     from lorafuse.models import load_base_model
     from lorafuse.tasks import load_tasks
     from lorafuse.training.config import TrainConfig
     from lorafuse.training.library import train_library
+
+    run = train_library
+    if ray is not None:
+        from lorafuse.training.distributed import import_ray, train_library_ray
+
+        import_ray()  # not installed: say so before loading the model
+        run = partial(
+            train_library_ray, address=ray, cpus_per_expert=cpus_per_expert,
+            gpus_per_expert=gpus_per_expert,
+        )  # fmt: skip
 
     config = TrainConfig(
         steps=steps,
@@ -40,7 +63,7 @@ def train(
     )
     base = load_base_model(base_model)
     suite = load_tasks(tasks, seed=seed)
-    manifest = train_library(
+    manifest = run(
         base,
         suite,
         out,

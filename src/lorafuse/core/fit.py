@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lorafuse.core.encode import Batch, Encoded, collate
 from lorafuse.core.states import StateCache, pad_states
+from lorafuse.device import model_device
 
 # (states (B, T, H), batch) -> per-example losses (B,)
 BatchLoss = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -55,9 +56,11 @@ def fit_parameters(
     seed: int = 0,
     desc: str = "fit",
     progress: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> list[float]:
-    """Adam on ``params`` for ``steps`` mini-batches; returns the loss of every step."""
+    """Adam on ``params`` for ``steps`` mini-batches; returns the loss of every step (states
+    go to ``device``, by default the base model's)."""
+    device = device or model_device(cache.base.model)
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
     states = cache.get(encoded, desc=f"{desc}: states")

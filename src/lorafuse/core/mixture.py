@@ -128,7 +128,7 @@ class MixtureLinear(nn.Module):
         return self.Bk.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.mixer.weights(self, x)
+        a = self.mixer.weights(self, x).to(x.device)  # mixers and routers may sit on the CPU
         out = self.base(x)
         if isinstance(a, TopK):
             if self.sparse:

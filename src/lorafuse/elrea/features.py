@@ -40,6 +40,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -213,6 +214,137 @@ def _key(**fields: object) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class FeaturePlan:
+    """Where the features of one call go: a folder named by every setting, one file per
+    chunk of examples (``chunks[c]`` are indices into the examples, ``files[c]`` its file)."""
+
+    run: Path
+    settings: dict
+    chunks: list[list[int]]
+    files: list[Path]
+
+    @property
+    def todo(self) -> list[int]:
+        """The chunks not on disk yet."""
+        return [c for c, f in enumerate(self.files) if not f.is_file()]
+
+    def load(self) -> torch.Tensor:
+        return torch.cat([load_file(str(f))["features"] for f in self.files])
+
+
+def _adam_state(
+    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """``exp_avg_sq`` per canonical weight name, and its hash (``estimated`` when absent)."""
+    if adam_state is None:
+        return None, "estimated"
+    v_given = {_canonical(k): v for k, v in adam_state.items()}
+    v_given = {
+        k: (v.get("exp_avg_sq") if isinstance(v, Mapping) else v) for k, v in v_given.items()
+    }
+    bad = [k for k, v in v_given.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LorafuseError(f"adam_state has no exp_avg_sq tensor for {bad[0]}")
+    v_hash = hashlib.sha1(
+        "".join(
+            f"{k}:{_tensor_hash(v.detach().float().cpu())}" for k, v in sorted(v_given.items())
+        ).encode()
+    ).hexdigest()[:16]
+    return v_given, v_hash
+
+
+def feature_plan(
+    base: BaseModel,
+    adapter: LoraAdapter,
+    encoded: Sequence[Encoded],
+    split: int,
+    *,
+    dim: int,
+    seed: int,
+    target: str,
+    projection: str,
+    eps: float,
+    v_hash: str,
+    chunk_size: int,
+    directory: str | Path | None,
+) -> FeaturePlan:
+    root = Path(directory) if directory is not None else cache_root() / "grad_features"
+    settings = dict(
+        base=base.fingerprint,
+        adapter=_adapter_fingerprint(adapter),
+        split=split,
+        target=target,
+        dim=dim,
+        seed=seed,
+        projection=projection,
+        eps=eps,
+        second_moment=v_hash,
+        examples=_examples_hash(encoded),
+    )
+    run = root / _key(kind="features", **settings)
+    chunks = [
+        list(range(s, min(s + chunk_size, len(encoded))))
+        for s in range(0, len(encoded), chunk_size)
+    ]
+    files = [run / f"chunk-{c:05d}-{len(ix)}.safetensors" for c, ix in enumerate(chunks)]
+    return FeaturePlan(run, settings, chunks, files)
+
+
+def write_feature_chunks(
+    base: BaseModel,
+    adapter_path: str | Path,
+    states: Sequence[torch.Tensor],
+    encoded: Sequence[Encoded],
+    v_given: Mapping[str, torch.Tensor],
+    chunks: Sequence[Sequence[int]],
+    files: Sequence[Path],
+    *,
+    split: int,
+    dim: int,
+    seed: int,
+    target: str,
+    projection: str,
+    eps: float,
+    batch_size: int,
+    progress: bool = False,
+) -> None:
+    """Compute and write (each atomically) the features of ``chunks[c]`` to ``files[c]``.
+
+    A chunk's features depend only on its own examples (in order) and the settings, so
+    any process can write any chunk (:mod:`lorafuse.elrea.distributed`).
+    """
+    pad = base.tokenizer.pad_token_id
+    with peft_adapters(base, {_ADAPTER: Path(adapter_path)}) as model:
+        linears = lora_linears(model)
+        v = second_moment_vector(v_given, linears)
+        bar = tqdm(total=sum(len(c) for c in chunks), desc="grad features", disable=not progress)
+        for chunk, file in zip(chunks, files, strict=True):
+            grads = _batched_grads(
+                model, linears, states, encoded, chunk, split, pad, target, batch_size
+            )
+            feats = project(adam_normalise(grads, v, eps), dim, seed, projection)
+            del grads
+            feats = nn.functional.normalize(feats, dim=1).cpu().contiguous()
+            with atomic_path(file) as tmp:
+                save_file({"features": feats}, str(tmp))
+            bar.update(len(chunk))
+        bar.close()
+
+
+def check_feature_settings(
+    target: str, projection: str, dim: int, batch_size: int, chunk_size: int
+) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if not 1 <= dim <= MAX_DIM:
+        raise ValueError(f"dim must be in 1..{MAX_DIM}, got {dim}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be positive")
+
+
 def gradient_features(
     base: BaseModel,
     adapter_path: str | Path,
@@ -239,56 +371,20 @@ def gradient_features(
     gradients (``chunk_size * P`` floats) are held at once, and the projection matrix is
     regenerated once per chunk.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if not 1 <= dim <= MAX_DIM:
-        raise ValueError(f"dim must be in 1..{MAX_DIM}, got {dim}")
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be positive")
+    check_feature_settings(target, projection, dim, batch_size, chunk_size)
     if not encoded:
         return torch.zeros(0, dim)
     adapter = _open_adapter(adapter_path, cache.split)
-    root = Path(directory) if directory is not None else cache_root() / "grad_features"
-    v_given = None
-    if adam_state is not None:  # resolved against the live modules below; hashed here
-        v_given = {_canonical(k): v for k, v in adam_state.items()}
-        v_given = {
-            k: (v.get("exp_avg_sq") if isinstance(v, Mapping) else v) for k, v in v_given.items()
-        }
-        bad = [k for k, v in v_given.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise LorafuseError(f"adam_state has no exp_avg_sq tensor for {bad[0]}")
-        v_hash = hashlib.sha1(
-            "".join(
-                f"{k}:{_tensor_hash(v.detach().float().cpu())}" for k, v in sorted(v_given.items())
-            ).encode()
-        ).hexdigest()[:16]
-    else:
-        v_hash = "estimated"
-    settings = dict(
-        base=base.fingerprint,
-        adapter=_adapter_fingerprint(adapter),
-        split=cache.split,
-        target=target,
-        dim=dim,
-        seed=seed,
-        projection=projection,
-        eps=eps,
-        second_moment=v_hash,
-        examples=_examples_hash(encoded),
-    )
-    run = root / _key(kind="features", **settings)
-    chunks = [
-        list(range(s, min(s + chunk_size, len(encoded))))
-        for s in range(0, len(encoded), chunk_size)
-    ]
-    files = [run / f"chunk-{c:05d}-{len(ix)}.safetensors" for c, ix in enumerate(chunks)]
-    todo = [c for c, f in enumerate(files) if not f.is_file()]
+    v_given, v_hash = _adam_state(adam_state)
+    plan = feature_plan(
+        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
+        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
+        directory=directory,
+    )  # fmt: skip
+    todo = plan.todo
     if todo:
-        if not (run / "settings.json").is_file():
-            atomic_write_json(run / "settings.json", {**settings, "n": len(encoded)})
+        if not (plan.run / "settings.json").is_file():
+            atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
         if v_given is None:
             v_given = estimate_second_moment(
                 base,
@@ -297,25 +393,13 @@ def gradient_features(
                 cache,
                 target=target,
                 batch_size=batch_size,
-                directory=root,
+                directory=plan.run.parent,
                 progress=progress,
             )
-        states = cache.get(encoded, desc="grad features: states")
-        pad = base.tokenizer.pad_token_id
-        with peft_adapters(base, {_ADAPTER: adapter.path}) as model:
-            linears = lora_linears(model)
-            v = second_moment_vector(v_given, linears)
-            bar = tqdm(total=len(encoded), desc="grad features", disable=not progress)
-            bar.update(len(encoded) - sum(len(chunks[c]) for c in todo))
-            for c in todo:
-                grads = _batched_grads(
-                    model, linears, states, encoded, chunks[c], cache.split, pad, target, batch_size
-                )
-                feats = project(adam_normalise(grads, v, eps), dim, seed, projection)
-                del grads
-                feats = nn.functional.normalize(feats, dim=1).cpu().contiguous()
-                with atomic_path(files[c]) as tmp:
-                    save_file({"features": feats}, str(tmp))
-                bar.update(len(chunks[c]))
-            bar.close()
-    return torch.cat([load_file(str(f))["features"] for f in files])
+        write_feature_chunks(
+            base, adapter.path, cache.get(encoded, desc="grad features: states"), encoded,
+            v_given, [plan.chunks[c] for c in todo], [plan.files[c] for c in todo],
+            split=cache.split, dim=dim, seed=seed, target=target, projection=projection,
+            eps=eps, batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+    return plan.load()

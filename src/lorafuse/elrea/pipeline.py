@@ -141,14 +141,22 @@ def _prompt_embeddings(ws: Workspace, encoded: list[Encoded]) -> torch.Tensor:
 
 
 def input_features(
-    ws: Workspace, out: Path, config: ElreaConfig, encoded: list[Encoded]
+    ws: Workspace, out: Path, config: ElreaConfig, encoded: list[Encoded], ray: str | None = None
 ) -> torch.Tensor:
-    """Features of any examples, in the space the build clustered (gradients or embeddings)."""
+    """Features of any examples, in the space the build clustered (gradients or embeddings);
+    ``ray``: a Ray cluster address (or ``auto``) to shard the gradient features over."""
     if config.clustering == "embedding":
         return _prompt_embeddings(ws, encoded)
     v = load_file(str(out / "second_moment.safetensors"))
     base_path = ws.adapters[config.base_adapter].path
-    return gradient_features(
+    featurize = gradient_features
+    if ray is not None:
+        from functools import partial
+
+        from lorafuse.elrea.distributed import gradient_features_ray
+
+        featurize = partial(gradient_features_ray, address=ray)
+    return featurize(
         ws.base,
         base_path,
         encoded,
@@ -160,8 +168,11 @@ def input_features(
     )
 
 
-def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
-    """Run (or resume) the pipeline into ``out``; returns the written ``elrea.json``."""
+def build_elrea(
+    ws: Workspace, out: str | Path, config: ElreaConfig, *, ray: str | None = None
+) -> dict:
+    """Run (or resume) the pipeline into ``out``; returns the written ``elrea.json``.
+    ``ray``: shard the gradient features over a Ray cluster (see :func:`input_features`)."""
     out = Path(out)
     if config.base_adapter not in ws.adapters:
         raise LorafuseError(f"no adapter {config.base_adapter!r} in {ws.library} for ELREA's base")
@@ -176,7 +187,7 @@ def build_elrea(ws: Workspace, out: str | Path, config: ElreaConfig) -> dict:
         with atomic_path(v_file) as tmp:
             save_file({k: t.contiguous() for k, t in v.items()}, str(tmp))
     t0 = time.perf_counter()
-    feats = input_features(ws, out, config, train)
+    feats = input_features(ws, out, config, train, ray=ray)
     features_s = time.perf_counter() - t0
     clustering = _cluster(ws, out, config, feats)
     experts = []

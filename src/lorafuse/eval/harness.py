@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lorafuse.core.encode import Batch, Encoded, collate
 from lorafuse.core.forward import target_logits
 from lorafuse.core.states import StateCache, pad_states
+from lorafuse.device import model_device
 from lorafuse.tasks.example import Example
 
 # (states (B, T, H), batch) -> log-probabilities (N, V) at the target positions
@@ -61,9 +62,11 @@ def score_examples(
     cache: StateCache,
     *,
     max_tokens: int = 4096,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> ExampleScores:
-    """Mean target NLL and exact match of every example under ``log_probs``."""
+    """Mean target NLL and exact match of every example under ``log_probs`` (states go to
+    ``device``, by default the base model's)."""
+    device = device or model_device(cache.base.model)
     states = cache.get(encoded, desc="eval: states")
     pad = cache.base.tokenizer.pad_token_id
     loss = np.zeros(len(encoded))

@@ -115,7 +115,7 @@ def save_full_model(
     with torch.no_grad():
         for module, f in factors.items():
             linear = base.model.get_submodule(module)
-            linear.weight += f.delta().to(linear.weight.dtype)
+            linear.weight += f.delta().to(linear.weight.device, linear.weight.dtype)
     out = Path(out)
     with atomic_dir(out) as tmp:
         base.model.save_pretrained(tmp)

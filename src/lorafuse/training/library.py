@@ -2,17 +2,19 @@
 
 The manifest is rewritten after every expert, so an interrupted run picks up where it
 stopped (finished experts are kept, a half-trained one resumes from its checkpoint).
+:mod:`lorafuse.training.distributed` runs the same jobs as Ray tasks.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lorafuse.core.encode import encode_examples
+from lorafuse.core.encode import Encoded, encode_examples
 from lorafuse.core.states import StateCache
 from lorafuse.errors import LorafuseError
 from lorafuse.fingerprint import Stamp, refuse_mismatch
@@ -27,6 +29,99 @@ from lorafuse.training.train import split_layer, train_adapter
 MULTITASK = "multitask"
 
 
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert to train: its name, the tasks of its data, its kind and its settings."""
+
+    name: str
+    tasks: tuple[str, ...]
+    kind: str
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class JobData:
+    """A job's encoded training examples, and each of its tasks' examples on their own
+    (the groups the lower-layer states are computed in; see :func:`train_expert`)."""
+
+    encoded: list[Encoded]
+    by_task: dict[str, list[Encoded]]
+
+
+def library_jobs(
+    tasks: Sequence[str], config: TrainConfig, multitask_steps: int | None = None
+) -> list[ExpertJob]:
+    """A private expert per task, then the multi-task adapter (``2 x steps`` by default)."""
+    jobs = [ExpertJob(t, (t,), "private", config) for t in tasks]
+    mt_config = config.model_copy(update={"steps": multitask_steps or 2 * config.steps})
+    jobs.append(ExpertJob(MULTITASK, tuple(tasks), MULTITASK, mt_config))
+    return jobs
+
+
+def job_data(base: BaseModel, suite: TaskSuite, job: ExpertJob) -> JobData:
+    by_task = {t: encode_examples(base.tokenizer, suite.get("train", [t])) for t in job.tasks}
+    encoded = encode_examples(base.tokenizer, suite.get("train", list(job.tasks)))
+    return JobData(encoded, by_task)
+
+
+def train_expert(
+    base: BaseModel,
+    data: JobData,
+    cache: StateCache,
+    job: ExpertJob,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+) -> ExpertEntry:
+    """Train one job's expert into ``out_dir/experts/NAME`` (atomically) with its card.
+
+    States are computed task by task first, as a serial run computes them (a private
+    expert's task, then the multi-task adapter finds them all cached): the lower-layer
+    forward batches by length, so computing a union at once could round differently,
+    and a distributed run would no longer equal the serial one bit for bit.
+    """
+    for name, encoded in data.by_task.items():
+        cache.get(encoded, desc=f"{name}: states")
+    rel = f"experts/{job.name}"
+    started = time.perf_counter()
+    result = train_adapter(
+        base, data.encoded, cache, job.config, out_dir / rel, desc=f"train {job.name}",
+        progress=progress,
+    )  # fmt: skip
+    entry = ExpertEntry(
+        name=job.name,
+        path=rel,
+        tasks=list(job.tasks),
+        kind=job.kind,
+        train={**job.config.model_dump(), "n_train": len(data.encoded)},
+        metrics={
+            "train_time_s": round(result.train_time_s, 1),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "final_train_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
+        },
+    )
+    write_expert_card(out_dir / rel, entry, base.name)
+    return entry
+
+
+def record_expert(
+    out_dir: Path, manifest: LibraryManifest, entry: ExpertEntry, jobs: Sequence[ExpertJob]
+) -> None:
+    """Add (or replace) ``entry`` in the manifest, experts in job order, and rewrite it."""
+    order = {job.name: i for i, job in enumerate(jobs)}
+    experts = [e for e in manifest.experts if e.name != entry.name] + [entry]
+    manifest.experts = sorted(experts, key=lambda e: order.get(e.name, len(order)))
+    write_manifest(out_dir, manifest)
+
+
+def pending_jobs(
+    out_dir: Path, manifest: LibraryManifest, jobs: Sequence[ExpertJob]
+) -> list[ExpertJob]:
+    """The jobs whose expert is not in the manifest with its folder on disk."""
+    done = {e.name for e in manifest.experts if (out_dir / e.path).is_dir()}
+    return [job for job in jobs if job.name not in done]
+
+
 def train_library(
     base: BaseModel,
     suite: TaskSuite,
@@ -37,17 +132,15 @@ def train_library(
     tasks: Sequence[str] | None = None,
     extra_config: dict | None = None,
     progress: bool = True,
+    cache: StateCache | None = None,
 ) -> LibraryManifest:
     """Train private experts (one per task) and a multi-task adapter into ``out_dir``."""
     out_dir = Path(out_dir)
     tasks = list(tasks or suite.tasks)
-    cache = StateCache(base, split_layer(base.model, config.top_layers), progress=progress)
-    manifest = _resume_manifest(out_dir, base, suite, tasks, config, extra_config)
-    done = {e.name for e in manifest.experts if (out_dir / e.path).is_dir()}
-    jobs = [(t, [t], "private", config) for t in tasks]
-    mt_config = config.model_copy(update={"steps": multitask_steps or 2 * config.steps})
-    jobs.append((MULTITASK, tasks, MULTITASK, mt_config))
-    todo = [job for job in jobs if job[0] not in done]
+    jobs = library_jobs(tasks, config, multitask_steps)
+    cache = cache or StateCache(base, split_layer(base.model, config.top_layers), progress=progress)
+    manifest = resume_manifest(out_dir, base, suite, tasks, config, extra_config)
+    todo = pending_jobs(out_dir, manifest, jobs)
     bar = tqdm(
         total=len(jobs),
         initial=len(jobs) - len(todo),
@@ -55,29 +148,10 @@ def train_library(
         unit="expert",
         disable=not progress,
     )
-    for name, job_tasks, kind, cfg in todo:
-        examples = suite.get("train", job_tasks)
-        encoded = encode_examples(base.tokenizer, examples)
-        rel = f"experts/{name}"
-        started = time.perf_counter()
-        result = train_adapter(
-            base, encoded, cache, cfg, out_dir / rel, desc=f"train {name}", progress=progress
-        )
-        entry = ExpertEntry(
-            name=name,
-            path=rel,
-            tasks=job_tasks,
-            kind=kind,
-            train={**cfg.model_dump(), "n_train": len(examples)},
-            metrics={
-                "train_time_s": round(result.train_time_s, 1),
-                "wall_time_s": round(time.perf_counter() - started, 1),
-                "final_train_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
-            },
-        )
-        write_expert_card(out_dir / rel, entry, base.name)
-        manifest.experts = [e for e in manifest.experts if e.name != name] + [entry]
-        write_manifest(out_dir, manifest)
+    for job in todo:
+        data = job_data(base, suite, job)
+        entry = train_expert(base, data, cache, job, out_dir, progress=progress)
+        record_expert(out_dir, manifest, entry, jobs)
         bar.update(1)  # tqdm's ETA: experts left x mean time of the experts trained so far
     bar.close()
     return manifest
@@ -89,7 +163,7 @@ def library_stamp(base: BaseModel, suite: TaskSuite, tasks: Sequence[str], setti
     return Stamp.of(settings, {"tasks": list(tasks), "train": data}, base.fingerprint)
 
 
-def _resume_manifest(
+def resume_manifest(
     out_dir: Path,
     base: BaseModel,
     suite: TaskSuite,

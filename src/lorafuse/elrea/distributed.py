@@ -1,0 +1,142 @@
+"""``lorafuse elrea --ray``: gradient features sharded across Ray workers, chunk by chunk.
+
+The same chunks and files as :func:`lorafuse.elrea.features.gradient_features` (so a serial
+run and a Ray run resume each other's work): the driver plans the chunks, computes the
+lower-layer states once into the shared state cache (and the second moment, if not
+given), then submits one task per missing chunk; each worker reads its examples' states
+from the cache, computes the chunk's features and writes its file atomically. A chunk
+depends only on its own examples, so the result equals the serial one bit for bit (same
+device, same threads).
+
+Shared state lives on the filesystem: the feature folder and the state cache must be
+paths every node sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lorafuse.core.encode import Encoded
+from lorafuse.core.states import StateCache
+from lorafuse.elrea.features import (
+    _adam_state,
+    _open_adapter,
+    check_feature_settings,
+    estimate_second_moment,
+    feature_plan,
+    write_feature_chunks,
+)
+from lorafuse.io import atomic_write_json
+from lorafuse.models import BaseModel
+from lorafuse.training.distributed import (
+    connect,
+    import_ray,
+    raise_first,
+    shipped_base,
+    submit_options,
+    worker_base,
+)
+
+
+def run_chunk(
+    base: str | BaseModel,
+    adapter_path: str,
+    encoded: list[Encoded],
+    file: str,
+    v_given: dict[str, torch.Tensor],
+    split: int,
+    cache_dir: str | None,
+    settings: dict,
+    device: str,
+    threads: int,
+) -> str:
+    """One chunk's features, in a Ray worker (a plain function: callable without Ray)."""
+    base = worker_base(base, device, threads)
+    directory = Path(cache_dir) if cache_dir else None
+    cache = StateCache(base, split, directory, persist=directory is not None, progress=False)
+    states = cache.get(encoded)
+    chunk = list(range(len(encoded)))  # stable sort: the chunk's batches are the serial ones
+    write_feature_chunks(
+        base, adapter_path, states, encoded, v_given, [chunk], [Path(file)], split=split,
+        **settings,
+    )  # fmt: skip
+    return file
+
+
+def gradient_features_ray(
+    base: BaseModel,
+    adapter_path: str | Path,
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    *,
+    address: str = "auto",
+    cpus_per_task: int = 1,
+    gpus_per_task: float | None = None,
+    dim: int = 1024,
+    seed: int = 0,
+    target: str = "prompt",
+    batch_size: int = 16,
+    adam_state: Mapping[str, torch.Tensor] | None = None,
+    eps: float = 1e-8,
+    projection: str = "rademacher",
+    chunk_size: int = 64,
+    directory: str | Path | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """:func:`~lorafuse.elrea.features.gradient_features` with one Ray task per chunk."""
+    check_feature_settings(target, projection, dim, batch_size, chunk_size)
+    if not encoded:
+        return torch.zeros(0, dim)
+    adapter = _open_adapter(adapter_path, cache.split)
+    v_given, v_hash = _adam_state(adam_state)
+    plan = feature_plan(
+        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
+        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
+        directory=directory,
+    )  # fmt: skip
+    todo = plan.todo
+    if not todo:
+        return plan.load()
+    ray = import_ray()
+    if not (plan.run / "settings.json").is_file():
+        atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
+    if v_given is None:
+        v_given = estimate_second_moment(
+            base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
+            directory=plan.run.parent, progress=progress,
+        )  # fmt: skip
+    cache.get(encoded, desc="grad features: states")  # once, into the shared cache
+    connect(address)
+    resources, device = submit_options(ray, cpus_per_task, gpus_per_task)
+    settings = dict(
+        dim=dim, seed=seed, target=target, projection=projection, eps=eps, batch_size=batch_size
+    )
+    cache_dir = str(cache.directory.resolve()) if cache.directory is not None else None
+    base_arg = shipped_base(ray, base)
+    v_ref = ray.put({k: t.cpu() for k, t in v_given.items()})
+    remote = ray.remote(run_chunk)
+    running = {
+        remote.options(**resources, name=f"lorafuse:features-{c}").remote(
+            base_arg, str(Path(adapter.path).resolve()), [encoded[i] for i in plan.chunks[c]],
+            str(plan.files[c].resolve()), v_ref, cache.split, cache_dir, settings, device,
+            cpus_per_task,
+        ): c
+        for c in todo
+    }  # fmt: skip
+    bar = tqdm(total=len(plan.chunks), initial=len(plan.chunks) - len(todo), disable=not progress)
+    failures: list[tuple[str, BaseException]] = []
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1)
+        c = running.pop(done[0])
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayError as err:  # the other chunks still land
+            failures.append((str(c), err))
+        bar.update(1)
+    bar.close()
+    raise_first(failures, "feature chunk")
+    return plan.load()
