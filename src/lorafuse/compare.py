@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lorafuse.elrea.methods import built_elrea
+from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import ExampleScores, model_log_probs, score_examples
 from lorafuse.eval.paired import ALPHA, compare_pairs, paired_table, per_task_losses
 from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
@@ -214,8 +215,13 @@ def merges(
     made_s: dict[str, float] = {}
     for row, (method, params) in rows.items():
         params = dict(params)
+        row_seed = params.pop("seed", seed)
         t0 = time.perf_counter()
-        fusion = build_fusion(ws, "merge", seed=params.pop("seed", seed), method=method, **params)
+        try:
+            fusion = build_fusion(ws, "merge", seed=row_seed, method=method, **params)
+        except LorafuseError as err:  # e.g. lowrank_average on experts of mixed ranks
+            table.notes.append(f"{row} left out: {err}")
+            continue
         made_s[row] = time.perf_counter() - t0
         paths[row] = save_adapter(
             out / "merged" / row,
