@@ -26,6 +26,14 @@ PARAMS = {
     "twin": {"epochs": 5, "rank": 2, "top_k": 2},
     "twin_group": {"epochs": 5, "rank": 2, "top_k": 2},
 }
+# routing methods that choose per input without the top-k mixture (a task's own delta, a
+# retrieved mixture of three, merged groups): they must run at K = 64
+OTHERS = {
+    "lora_retriever": {"per_task": 2},
+    "emr": {"rank": 4},
+    "emr_retriever": {"rank": 4, "per_task": 2},
+    "mc_smoe": {"n_groups": 8, "rank": 2},
+}
 
 
 @pytest.fixture
@@ -65,9 +73,12 @@ def test_every_routing_method_runs_sparse_at_k64(workspace, monkeypatch) -> None
     kernel = mixture.sparse_mixture
     monkeypatch.setattr(mixture, "sparse_mixture", lambda *a: calls.append(a[-1].k) or kernel(*a))
     routing = [n for n, m in FUSION_METHODS.items() if m.family == "routing"]
-    assert set(routing) == set(PARAMS)  # a new routing method gets a line here
+    assert set(routing) == set(PARAMS) | set(OTHERS)  # a new routing method gets a line here
     test = workspace.encoded("test")
-    for name in routing:
+    for name, params in OTHERS.items():
+        fusion = build_fusion(workspace, name, **params)
+        assert np.isfinite(evaluate(workspace.base.model, fusion, test, workspace.cache).loss).all()
+    for name in PARAMS:
         fusion = build_fusion(workspace, name, **PARAMS[name])
         assert 2 < len(fusion.sources) <= K  # hc_arrow: up to 8 merged clusters
         calls.clear()
