@@ -23,14 +23,10 @@ from tqdm.auto import tqdm
 from lorafuse.core.encode import Encoded
 from lorafuse.core.states import StateCache
 from lorafuse.elrea.features import (
-    _adam_state,
-    _open_adapter,
     check_feature_settings,
-    estimate_second_moment,
-    feature_plan,
+    prepare_features,
     write_feature_chunks,
 )
-from lorafuse.io import atomic_write_json
 from lorafuse.models import BaseModel
 from lorafuse.training.distributed import (
     connect,
@@ -88,27 +84,18 @@ def gradient_features_ray(
     progress: bool = True,
 ) -> torch.Tensor:
     """:func:`~lorafuse.elrea.features.gradient_features` with one Ray task per chunk."""
-    check_feature_settings(target, projection, dim, batch_size, chunk_size)
     if not encoded:
+        check_feature_settings(target, projection, dim, batch_size, chunk_size)
         return torch.zeros(0, dim)
-    adapter = _open_adapter(adapter_path, cache.split)
-    v_given, v_hash = _adam_state(adam_state)
-    plan = feature_plan(
-        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
-        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
-        directory=directory,
+    plan, adapter, v_given = prepare_features(
+        base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
+        batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
+        chunk_size=chunk_size, directory=directory, progress=progress,
     )  # fmt: skip
     todo = plan.todo
     if not todo:
         return plan.load()
     ray = import_ray()
-    if not (plan.run / "settings.json").is_file():
-        atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
-    if v_given is None:
-        v_given = estimate_second_moment(
-            base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
-            directory=plan.run.parent, progress=progress,
-        )  # fmt: skip
     cache.get(encoded, desc="grad features: states")  # once, into the shared cache
     connect(address)
     resources, device = submit_options(ray, cpus_per_task, gpus_per_task)

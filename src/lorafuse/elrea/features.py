@@ -345,6 +345,45 @@ def check_feature_settings(
         raise ValueError("batch_size and chunk_size must be positive")
 
 
+def prepare_features(
+    base: BaseModel,
+    adapter_path: str | Path,
+    encoded: Sequence[Encoded],
+    cache: StateCache,
+    *,
+    dim: int,
+    seed: int,
+    target: str,
+    batch_size: int,
+    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
+    eps: float,
+    projection: str,
+    chunk_size: int,
+    directory: str | Path | None,
+    progress: bool,
+):
+    """What a features call (serial or on Ray) starts from: its chunk plan, the opened
+    adapter, and, when chunks are missing, the run's settings written and the second moment
+    (the given one, else estimated over ``encoded``)."""
+    check_feature_settings(target, projection, dim, batch_size, chunk_size)
+    adapter = _open_adapter(adapter_path, cache.split)
+    v_given, v_hash = _adam_state(adam_state)
+    plan = feature_plan(
+        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
+        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
+        directory=directory,
+    )  # fmt: skip
+    if plan.todo:
+        if not (plan.run / "settings.json").is_file():
+            atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
+        if v_given is None:
+            v_given = estimate_second_moment(
+                base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
+                directory=plan.run.parent, progress=progress,
+            )  # fmt: skip
+    return plan, adapter, v_given
+
+
 def gradient_features(
     base: BaseModel,
     adapter_path: str | Path,
@@ -371,31 +410,16 @@ def gradient_features(
     gradients (``chunk_size * P`` floats) are held at once, and the projection matrix is
     regenerated once per chunk.
     """
-    check_feature_settings(target, projection, dim, batch_size, chunk_size)
     if not encoded:
+        check_feature_settings(target, projection, dim, batch_size, chunk_size)
         return torch.zeros(0, dim)
-    adapter = _open_adapter(adapter_path, cache.split)
-    v_given, v_hash = _adam_state(adam_state)
-    plan = feature_plan(
-        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
-        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
-        directory=directory,
+    plan, adapter, v_given = prepare_features(
+        base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
+        batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
+        chunk_size=chunk_size, directory=directory, progress=progress,
     )  # fmt: skip
     todo = plan.todo
     if todo:
-        if not (plan.run / "settings.json").is_file():
-            atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
-        if v_given is None:
-            v_given = estimate_second_moment(
-                base,
-                adapter.path,
-                encoded,
-                cache,
-                target=target,
-                batch_size=batch_size,
-                directory=plan.run.parent,
-                progress=progress,
-            )
         write_feature_chunks(
             base, adapter.path, cache.get(encoded, desc="grad features: states"), encoded,
             v_given, [plan.chunks[c] for c in todo], [plan.files[c] for c in todo],
