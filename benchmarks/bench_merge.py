@@ -276,7 +276,7 @@ class LorafuseRunner:
         """A factor-space method's exact result per module (cheap: B @ A per module)."""
         spec = get_method(pair.method)
         kwargs = spec.parse_params(pair.params).model_dump()
-        for key in ("rank", "svd", "svd_niter"):
+        for key in ("rank", "svd", "svd_niter", "energy", "max_rank"):  # driver settings
             kwargs.pop(key, None)
         return {
             m: spec.fn([a.factors(m) for a in self.adapters], weights, **kwargs).delta()
