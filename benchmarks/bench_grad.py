@@ -173,7 +173,7 @@ def main() -> None:
 
 def plain_batched_backward(model, states, encoded, batches, pad: int, target: str) -> None:
     """One backward per batch of the summed per-example losses, LoRA weight gradients only."""
-    from lorafuse.elrea.features import _example_losses, _inputs  # the features' own loss
+    from lorafuse.elrea.lora_grads import _example_losses, _inputs  # the features' own loss
 
     weights = [lin.module.weight for lin in lora_linears(model)]
     device = next(model.parameters()).device

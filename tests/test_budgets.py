@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorafuse.compare import ensemble_caps, on_subset
+from lorafuse.compare import ensemble_caps
 from lorafuse.eval.harness import ExampleScores, per_task
+from lorafuse.fusion.run import on_subset
 from lorafuse.tasks.example import Example
 
 
@@ -24,3 +25,29 @@ def test_a_subset_row_is_averaged_over_the_items_it_scored() -> None:
     tasks = per_task(examples, full)
     assert (tasks["a"].loss, tasks["a"].accuracy, tasks["a"].n) == (1.0, 1.0, 1)
     assert (tasks["b"].loss, tasks["b"].accuracy, tasks["b"].n) == (3.0, 0.0, 1)
+
+
+def test_a_capped_method_scores_exactly_its_items_of_the_full_run(
+    tiny_base, tiny_experts, tmp_path
+) -> None:
+    from tiny_workspace import tiny_workspace
+
+    from lorafuse.fusion.run import run_methods
+
+    ws = tiny_workspace(tiny_base, tiny_experts, tmp_path)
+    rows = {"u": ("ensemble_prob", {})}
+    full, _ = run_methods(ws, rows, "test")
+    seen: list[int] = []
+
+    def cap(n_adapters: int) -> int:
+        seen.append(n_adapters)
+        return 1
+
+    capped, info = run_methods(ws, rows, "test", items_cap=cap)
+    assert seen == [len(tiny_experts)]
+    idx = ws.per_task("test", 1)
+    assert len(idx) == 3
+    kept = ~np.isnan(capped["u"].loss)
+    assert np.flatnonzero(kept).tolist() == idx
+    np.testing.assert_allclose(capped["u"].loss[idx], full["u"].loss[idx], rtol=1e-5)
+    assert info["u"]["extra"]["items_per_task"] == 1

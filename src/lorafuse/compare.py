@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lorafuse.elrea.methods import built_elrea
@@ -35,7 +34,7 @@ from lorafuse.eval.run import (
     versions,
 )
 from lorafuse.fusion.ensemble import score_ensembles
-from lorafuse.fusion.run import run_methods, source_bytes
+from lorafuse.fusion.run import on_subset, run_methods, source_bytes
 from lorafuse.io import atomic_write_json, atomic_write_text
 from lorafuse.library import LoraAdapter, save_adapter
 from lorafuse.library.manifest import tasks_unknown
@@ -183,13 +182,6 @@ def ensembles(ws: Workspace, table: Table, seed: int) -> None:
             table.info[row] = info
 
 
-def on_subset(scores: ExampleScores, idx: list[int], n: int) -> ExampleScores:
-    """Scores of items ``idx`` placed among ``n`` items; the others are NaN (not scored)."""
-    loss, correct = np.full(n, np.nan), np.full(n, np.nan)
-    loss[idx], correct[idx] = scores.loss, scores.correct
-    return ExampleScores(loss, correct)
-
-
 def truncation_line(info: dict) -> str:
     """The model card's line on re-compression (empty when the merge kept every delta)."""
     if "truncation_rel_error_mean" not in info:
@@ -261,11 +253,22 @@ def merges(
         )
 
 
-def fusions(ws: Workspace, table: Table, methods: Sequence[str], seed: int) -> None:
+def fusions(
+    ws: Workspace, table: Table, methods: Sequence[str], seed: int, *, budget: bool = False
+) -> None:
     """Methods of the registry built by name on the mixture core (routers, ELREA), fitted and
-    scored with their defaults."""
-    rows, info = run_methods(ws, {row: (row, {}) for row in methods}, "test", seed=seed)
+    scored with their defaults. ``budget``: a method that runs more than ``DENSE_K`` adapters
+    on every item (ELREA's cluster ensembles) is scored on :func:`ensemble_caps`' items."""
+    cap = (lambda n: ensemble_caps(n)[0]) if budget else None
+    rows, info = run_methods(
+        ws, {row: (row, {}) for row in methods}, "test", seed=seed, items_cap=cap
+    )
     for row, scores in rows.items():
+        if "items_per_task" in info[row]["extra"]:
+            table.notes.append(
+                f"{row} runs {DENSE_K}+ adapters per item: scored on the first "
+                f"{info[row]['extra']['items_per_task']} test items per task (budget)"
+            )
         i = info[row]
         table.add(
             row,
@@ -321,7 +324,10 @@ def run_compare(
         ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else (), seed)),
         ("merges_s", lambda: merges(ws, table, out, seed, static_rows)),
         ("routing_s", lambda: fusions(ws, table, [r for r in ROUTERS if r not in skip], seed)),
-        ("elrea_s", lambda: fusions(ws, table, built_elrea(ws, elrea_rows), seed)),
+        (
+            "elrea_s",
+            lambda: fusions(ws, table, built_elrea(ws, elrea_rows), seed, budget=True),
+        ),
     ]
     for key, step in steps:
         t0 = time.perf_counter()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from lorafuse.core.mixture import FactorSet
@@ -58,11 +59,15 @@ def run_methods(
     split: str,
     *,
     seed: int = 0,
+    items_cap: Callable[[int], int | None] | None = None,
 ) -> tuple[dict[str, ExampleScores], dict[str, dict]]:
     """Build (fit on validation) and score every ``row -> (method, params)`` on ``split``.
 
     ``info[row]`` holds the family, parameters and costs: ``train_s`` (the method's own
     training time, else its build time), ``infer_ms`` per item, ``stored_mb``.
+    ``items_cap(number of adapters the method runs)`` -> items per task to score (None: all)
+    is a budget for methods that run many adapters on every item; the items left out are NaN
+    and ``extra["items_per_task"]`` records the cap.
     """
     encoded = ws.encoded(split)
     rows: dict[str, ExampleScores] = {}
@@ -71,21 +76,33 @@ def run_methods(
         t0 = time.perf_counter()
         fusion = build_fusion(ws, name, seed=seed, **params)
         t1 = time.perf_counter()
-        rows[row] = evaluate(ws.base.model, fusion, encoded, ws.cache)
+        cap = items_cap(len(fusion.sources)) if items_cap else None
+        idx = ws.per_task(split, cap) if cap is not None else list(range(len(encoded)))
+        scores = evaluate(ws.base.model, fusion, [encoded[i] for i in idx], ws.cache)
+        rows[row] = scores if cap is None else on_subset(scores, idx, len(encoded))
         t2 = time.perf_counter()
         extra = dict(fusion.info)
+        if cap is not None:
+            extra["items_per_task"] = cap
         stored = source_bytes([*fusion.sources, *([fusion.shared] if fusion.shared else [])])
         info[row] = {
             "method": name,
             "family": fusion.family,
             "params": params,
             "train_s": extra.pop("train_s", t1 - t0),
-            "infer_ms": 1e3 * (t2 - t1) / len(encoded),
+            "infer_ms": 1e3 * (t2 - t1) / len(idx),
             "stored_mb": stored / 2**20,
             "extra": extra,
         }
         print(f"{row}: built in {t1 - t0:.0f}s, evaluated in {t2 - t1:.0f}s", flush=True)
     return rows, info
+
+
+def on_subset(scores: ExampleScores, idx: list[int], n: int) -> ExampleScores:
+    """Scores of items ``idx`` placed among ``n`` items; the others are NaN (not scored)."""
+    loss, correct = np.full(n, np.nan), np.full(n, np.nan)
+    loss[idx], correct[idx] = scores.loss, scores.correct
+    return ExampleScores(loss, correct)
 
 
 def expert_rows(ws: Workspace, split: str) -> dict[str, ExampleScores]:
