@@ -38,12 +38,11 @@ from tqdm.auto import tqdm
 from lorafuse.errors import LorafuseError
 from lorafuse.library import LoraAdapter, LoraFactors, module_factors, union_modules
 from lorafuse.merging.registry import MergeMethod, MergeParams, get_method
-from lorafuse.merging.svd import compress_dense, compress_factors
+from lorafuse.merging.svd import compress_dense
 from lorafuse.merging.threads import DEFAULT_MEMORY_BUDGET, map_in_order
 from lorafuse.merging.truncation import (
     Truncation,
     dense_truncation,
-    factor_truncation,
     truncate_dense_auto,
     truncate_factors,
 )
@@ -194,8 +193,8 @@ def merge_module(
             result, info = truncate_factors(result, "auto", energy=energy, max_rank=max_rank)
             lost.append(info)
         elif rank is not None and rank < result.rank:
-            full, result = result, compress_factors(result, rank)
-            lost.append(factor_truncation(full, result))
+            result, info = truncate_factors(result, rank)  # one SVD: factors and record
+            lost.append(info)
         return result
     deltas = stack_deltas(parts, buffer)  # ours: the method may overwrite it
     if method.overwrites:

@@ -28,7 +28,14 @@ import torch
 from lorafuse.library import LoraFactors
 from lorafuse.merging.threads import blas_limit
 
-__all__ = ["SVD_ALGORITHMS", "compress_dense", "compress_factors", "factor_svd", "gram_svd"]
+__all__ = [
+    "SVD_ALGORITHMS",
+    "compress_dense",
+    "compress_factors",
+    "factor_svd",
+    "gram_svd",
+    "split_triplets",
+]
 
 SvdAlgorithm = Literal["gram", "full", "randomized"]
 SVD_ALGORITHMS: tuple[str, ...] = ("gram", "full", "randomized")
@@ -61,7 +68,7 @@ def compress_factors(f: LoraFactors, rank: int) -> LoraFactors:
     """
     _check_rank(rank)
     u, s, vh = factor_svd(f)
-    return _split(u, s, vh, rank, f.A.dtype)
+    return split_triplets(u, s, vh, rank, f.A.dtype)
 
 
 def gram_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,10 +152,10 @@ def compress_dense(
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     else:
         raise ValueError(f"unknown svd {svd!r} (known: {', '.join(SVD_ALGORITHMS)})")
-    return _split(u, s, vh, k, delta.dtype)
+    return split_triplets(u, s, vh, k, delta.dtype)
 
 
-def _split(
+def split_triplets(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, dtype: torch.dtype
 ) -> LoraFactors:
     """Keep the top ``rank`` triplets; ``B = U diag(S)``, ``A = Vh`` (PEFT's split)."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lorafuse.library import LoraFactors
-from lorafuse.merging.svd import compress_dense, factor_svd
+from lorafuse.merging.svd import compress_dense, factor_svd, split_triplets
 
 __all__ = [
     "DEFAULT_ENERGY",
@@ -65,13 +65,6 @@ def auto_rank(s: torch.Tensor, total: float, energy: float, max_rank: int) -> in
     return max(1, min(k, max_rank))
 
 
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, dtype: torch.dtype):
-    """PEFT's split of the top ``k`` triplets: ``B = U S``, ``A = Vh``, scaling 1."""
-    return LoraFactors(
-        A=vh[:k].to(dtype).contiguous(), B=(u[:, :k] * s[:k]).to(dtype).contiguous(), scaling=1.0
-    )
-
-
 def truncate_factors(
     f: LoraFactors, rank: int | str, *, energy: float = DEFAULT_ENERGY, max_rank: int | None = None
 ) -> tuple[LoraFactors, Truncation]:
@@ -83,7 +76,7 @@ def truncate_factors(
     else:
         k = min(int(rank), s.numel())
     kept = float((s[:k].double() ** 2).sum())
-    out = _split(u, s, vh, max(k, 1), f.A.dtype)
+    out = split_triplets(u, s, vh, max(k, 1), f.A.dtype)
     return out, _record(out.rank, total, kept, max(total - kept, 0.0))
 
 
