@@ -89,3 +89,19 @@ def test_compare_writes_everything_and_each_row_is_its_method_alone(
     assert "## Paired tests across tasks" in report
     assert all(t["claim"] in report for t in tests)
     assert "<h2>Paired tests across tasks</h2>" in (out / "report.html").read_text()
+
+
+def test_seed_method_rows_are_their_methods_alone(tiny_base, tiny_experts, tmp_path) -> None:
+    from lorafuse.compare import SEED_ROWS
+
+    ws = tiny_workspace(tiny_base, tiny_experts, tmp_path)
+    results = run_compare(
+        ws, tmp_path / "out", distil=False, seed_methods=True, skip=frozenset({"twin_group"})
+    )
+    rows = results["methods"]
+    assert set(SEED_ROWS) <= set(rows)
+    examples = ws.examples("test")
+    for row in SEED_ROWS:
+        want = summaries_of(examples, {row: alone(ws, row)})[row]
+        assert rows[row]["mean_loss"] == pytest.approx(want["mean_loss"], rel=1e-4), row
+        assert rows[row]["family"] == METHODS[row].family, row

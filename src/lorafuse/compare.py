@@ -48,7 +48,21 @@ ENSEMBLES = ("ensemble_prob", "ensemble_logit", "ensemble_learned")  # one pass 
 LEARNED = ("learned_global", "learned_per_layer")  # exported exactly as PEFT adapters
 DISTILLED = ("ensemble_distilled",)
 ROUTERS = ("arrow", "hc_arrow", "learned_router", "twin", "twin_group")
-TASK_ROUTERS = frozenset({"twin", "twin_group"})  # routers trained on each expert's task
+# The seed papers' remaining systems, rows only when asked for (``--seed-methods``)
+SEED_ROWS = (
+    "lorahub",
+    "regmean",
+    "sens_merging",
+    "sens_merging_ties",
+    "sens_merging_dare",
+    "dam",
+    "lora_retriever",
+    "emr",
+    "emr_retriever",
+    "mc_smoe",
+)
+# rows whose method needs each expert's task (Twin's router labels, EMR's oracle routing)
+TASK_ROUTERS = frozenset({"twin", "twin_group", "emr"})
 ENSEMBLE_VAL_PER_TASK = 25  # validation items per task to fit the ensemble weights on
 # Ensembles run every expert on every item: beyond DENSE_K experts they get a budget of
 # about ENSEMBLE_ITEMS expert-items per task (K = 48: 5 test and 4 validation items per task).
@@ -298,13 +312,15 @@ def run_compare(
     distil: bool = True,
     skip: frozenset[str] = frozenset(),
     recent_merges: bool = False,
+    seed_methods: bool = False,
 ) -> dict:
     """Every method on the workspace's test split; writes and returns the results.
 
     ``elrea_rows`` limits the ELREA rows (each is a batched pass of all its adapters);
     ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training);
     ``skip`` names routing rows to leave out; ``recent_merges`` adds the rows of
-    :data:`lorafuse.fusion.methods.RECENT_MERGES`.
+    :data:`lorafuse.fusion.methods.RECENT_MERGES`; ``seed_methods`` the rows of
+    :data:`SEED_ROWS` (LoRAHub, RegMean, Sens-Merging, DAM, LoraRetriever, EMR, MC-SMoE).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -324,6 +340,12 @@ def run_compare(
         ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else (), seed)),
         ("merges_s", lambda: merges(ws, table, out, seed, static_rows)),
         ("routing_s", lambda: fusions(ws, table, [r for r in ROUTERS if r not in skip], seed)),
+        (
+            "seed_methods_s",
+            lambda: fusions(
+                ws, table, [r for r in SEED_ROWS if seed_methods and r not in skip], seed
+            ),
+        ),
         (
             "elrea_s",
             lambda: fusions(ws, table, built_elrea(ws, elrea_rows), seed, budget=True),

@@ -103,9 +103,7 @@ def select_command(
     t0 = time.perf_counter()
     greedy = greedy_forward(ws.base.model, experts, encoded, ws.cache, how=how, k=max_kept)
     counts = cluster_counts(len(experts))
-    clusters = cluster_selection(
-        ws.base.model, experts, encoded, ws.cache, how=how, counts=counts
-    )
+    clusters = cluster_selection(ws.base.model, experts, encoded, ws.cache, how=how, counts=counts)
     curves = {
         f"greedy forward ({how})": {i + 1: loss for i, loss in enumerate(greedy.losses)},
         f"hierarchical clusters ({how})": {c: loss for c, (_, loss) in clusters.items()},

@@ -36,6 +36,10 @@ def compare(
     recent_merges: Annotated[
         bool, typer.Option(help="Add the merges since 2024 (DELLA, TSV, Iso, KnOTS, ...).")
     ] = False,
+    seed_methods: Annotated[
+        bool,
+        typer.Option(help="Add LoRAHub, RegMean, Sens-Merging, DAM, LoraRetriever, EMR, MC-SMoE."),
+    ] = False,
 ) -> None:
     """Every method (ensembles, merges, routers, ELREA) on the test split, with costs:
     results.json, report.md/.html, methods.png, tasks.png."""
@@ -43,7 +47,9 @@ def compare(
     from lorafuse.workspace import open_workspace
 
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
-    results = run_compare(ws, out, seed=seed, recent_merges=recent_merges)
+    results = run_compare(
+        ws, out, seed=seed, recent_merges=recent_merges, seed_methods=seed_methods
+    )
     typer.echo(results["table"])
     typer.echo(f"wrote {out}/results.json, report.md, report.html, methods.png, tasks.png")
 

@@ -178,7 +178,7 @@ def retriever_routing(ws: Workspace, per_task: int = 20, temperature: float = 0.
 def mc_smoe(
     ws: Workspace,
     *,
-    n_groups: int = 4,
+    n_groups: int | None = None,
     rank: int | None = 8,
     density: float = 0.9,
     per_task: int = 20,
@@ -186,9 +186,11 @@ def mc_smoe(
 ) -> Fusion:
     """MC-SMoE: experts grouped by routing statistics, merged, compressed, routed.
 
-    Frequency-weighted merge per group, then low rank + column-sparse compression."""
+    Frequency-weighted merge per group, then low rank + column-sparse compression.
+    ``n_groups`` defaults to half the experts, rounded up (4 of the shipped 8)."""
     started = time.perf_counter()
     experts = list(ws.private.values())
+    n_groups = n_groups or (len(experts) + 1) // 2
     sources, groups, freq = mc_smoe_sources(
         experts, retriever_routing(ws, per_task), n_groups, rank=rank, density=density
     )

@@ -55,8 +55,16 @@ def task_stats(source: Path, limits: Limits, count_tokens, min_usable: int) -> l
     return stats
 
 
-def suite_document(name: str, picked: list[TaskStats], *, k: int, min_usable: int,
-                   max_per_family: int, limits: Limits, sizes: dict[str, int]) -> dict:
+def suite_document(
+    name: str,
+    picked: list[TaskStats],
+    *,
+    k: int,
+    min_usable: int,
+    max_per_family: int,
+    limits: Limits,
+    sizes: dict[str, int],
+) -> dict:
     rule = SUITE_RULE.format(
         min_usable=min_usable, max_per_family=max_per_family, k=k, **limits.__dict__
     )
@@ -97,13 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     name = f"bigbench{args.k}"
     doc = suite_document(
-        name, picked, k=args.k, min_usable=args.min_usable, max_per_family=args.max_per_family,
-        limits=SUITE_LIMITS, sizes=SUITE_SIZES,
+        name,
+        picked,
+        k=args.k,
+        min_usable=args.min_usable,
+        max_per_family=args.max_per_family,
+        limits=SUITE_LIMITS,
+        sizes=SUITE_SIZES,
     )
     out = args.out or SUITES_DIR / f"{name}.json"
     atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
-    print(f"{out}: {len(picked)} tasks, {doc['families']} families, "
-          f"{doc['generative']} generative (of {len(stats)} candidates)")
+    print(
+        f"{out}: {len(picked)} tasks, {doc['families']} families, "
+        f"{doc['generative']} generative (of {len(stats)} candidates)"
+    )
 
 
 if __name__ == "__main__":
