@@ -196,6 +196,34 @@ def test_projection_is_seeded_and_blockwise() -> None:
         project(x, 8193)
 
 
+def test_projecting_many_equals_projecting_each_bit_for_bit() -> None:
+    p = 2 * projection._block_rows(64) + 9
+    xs = [unit_rows(n, p, seed=n) for n in (3, 5, 4)]
+    for x, y in zip(xs, projection.project_many(xs, 64, seed=3), strict=True):
+        assert torch.equal(y, project(x, 64, seed=3))
+    with pytest.raises(ValueError, match="columns"):
+        projection.project_many([xs[0], xs[0][:, :-1]], 64)
+
+
+def test_grouped_chunks_write_the_same_files(
+    tiny_base: BaseModel, adapter_top: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = StateCache(tiny_base, 1, persist=False, progress=False)
+    kwargs = dict(dim=48, chunk_size=4, batch_size=2, progress=False)  # chunks 4+4+2
+    grouped = gradient_features(
+        tiny_base, adapter_top, examples(10), cache, directory=tmp_path / "a", **kwargs
+    )
+    assert feat.chunks_per_projection(4, 10_000) > 3  # all three chunks in one group
+    monkeypatch.setattr(feat, "GROUP_BYTES", 0)
+    single = gradient_features(
+        tiny_base, adapter_top, examples(10), cache, directory=tmp_path / "b", **kwargs
+    )
+    assert torch.equal(grouped, single)
+    files = sorted(p.name for p in (tmp_path / "a").glob("*/chunk-*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "b").glob("*/chunk-*.safetensors"))
+    assert len(files) == 3
+
+
 def test_adam_normalise_divides_by_sqrt_v_plus_eps() -> None:
     g = torch.tensor([[2.0, 3.0, -1.0], [4.0, 0.0, 1.0]])
     v = torch.tensor([4.0, 9.0, 0.0])
@@ -284,6 +312,7 @@ def test_interrupted_run_resumes_without_recomputing(
         return real(*args, **kw)
 
     monkeypatch.setattr(feat, "per_example_lora_grads", counting)
+    monkeypatch.setattr(feat, "GROUP_BYTES", 0)  # one chunk per projection pass
     crash_at = 5 + 3  # 5 batches estimating v, 2 for chunk 0, crash in chunk 1
     with pytest.raises(KeyboardInterrupt):
         gradient_features(

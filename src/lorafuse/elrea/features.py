@@ -60,7 +60,7 @@ from lorafuse.elrea.projection import (
     MAX_DIM,
     PROJECTIONS,
     adam_normalise,
-    project,
+    project_many,
     second_moment_vector,
 )
 from lorafuse.errors import LorafuseError
@@ -71,6 +71,7 @@ from lorafuse.models import BaseModel, cache_root
 __all__ = ["estimate_second_moment", "gradient_features"]
 
 _ADAPTER = "elrea_base"  # adapter name while attached to the base model
+GROUP_BYTES = 1 << 30  # gradients held at once to share one generation of the projection
 
 
 def _open_adapter(adapter_path: str | Path, split: int) -> LoraAdapter:
@@ -215,17 +216,35 @@ def write_feature_chunks(
         linears = lora_linears(model)
         v = second_moment_vector(v_given, linears)
         bar = tqdm(total=sum(len(c) for c in chunks), desc="grad features", disable=not progress)
-        for chunk, file in zip(chunks, files, strict=True):
-            grads = _batched_grads(
-                model, linears, states, encoded, chunk, split, pad, target, batch_size
-            )
-            feats = project(adam_normalise(grads, v, eps), dim, seed, projection)
-            del grads
-            feats = nn.functional.normalize(feats, dim=1).cpu().contiguous()
-            with atomic_path(file) as tmp:
-                save_file({"features": feats}, str(tmp))
-            bar.update(len(chunk))
+        per_group = chunks_per_projection(max(map(len, chunks), default=1), v.numel())
+        for g in range(0, len(chunks), per_group):
+            group = chunks[g : g + per_group]
+            normalised = [
+                adam_normalise(
+                    _batched_grads(
+                        model, linears, states, encoded, c, split, pad, target, batch_size
+                    ),
+                    v,
+                    eps,
+                )
+                for c in group
+            ]
+            projected = project_many(normalised, dim, seed, projection)
+            del normalised
+            for feats, chunk, file in zip(projected, group, files[g : g + per_group], strict=True):
+                feats = nn.functional.normalize(feats, dim=1).cpu().contiguous()
+                with atomic_path(file) as tmp:
+                    save_file({"features": feats}, str(tmp))
+                bar.update(len(chunk))
         bar.close()
+
+
+def chunks_per_projection(chunk_len: int, p: int) -> int:
+    """How many chunks' gradients (``chunk_len x p`` floats each, within ``GROUP_BYTES``)
+    share one generation of the projection blocks, which costs about as much as projecting
+    one chunk of 64 with them. Each chunk is still written as its own file; a kill loses at
+    most one group."""
+    return max(1, GROUP_BYTES // (4 * chunk_len * p))
 
 
 def check_feature_settings(

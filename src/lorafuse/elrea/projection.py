@@ -84,13 +84,25 @@ def project(
     ``E ||project(x)||^2 = ||x||^2`` and inner products are preserved up to
     ``O(1/sqrt(dim))`` (Johnson-Lindenstrauss). R is generated block by block.
     """
+    return project_many([grads], dim, seed, kind)[0]
+
+
+def project_many(
+    grads: Sequence[torch.Tensor], dim: int = 1024, seed: int = 0, kind: str = "rademacher"
+) -> list[torch.Tensor]:
+    """:func:`project` of each matrix in ``grads`` (all with the same P), generating each
+    block of R once for all of them; each result is bit-identical to ``project(g)`` (the
+    same products, in the same order)."""
     if not 1 <= dim <= MAX_DIM:
         raise ValueError(f"dim must be in 1..{MAX_DIM}, got {dim}")
-    n, p = grads.shape
+    p = grads[0].shape[1]
+    if any(g.shape[1] != p for g in grads):
+        raise ValueError("project_many: every matrix needs the same number of columns")
     rows = _block_rows(dim)
-    out = grads.new_zeros(n, dim, dtype=torch.float32)
+    outs = [g.new_zeros(g.shape[0], dim, dtype=torch.float32) for g in grads]
     for index, start in enumerate(range(0, p, rows)):
         stop = min(start + rows, p)
-        block = projection_block(seed, index, stop - start, dim, kind).to(grads.device)
-        out.addmm_(grads[:, start:stop].float(), block)
-    return out.mul_(dim**-0.5)
+        block = projection_block(seed, index, stop - start, dim, kind).to(grads[0].device)
+        for g, out in zip(grads, outs, strict=True):
+            out.addmm_(g[:, start:stop].float(), block)
+    return [out.mul_(dim**-0.5) for out in outs]
