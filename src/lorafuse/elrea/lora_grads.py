@@ -94,6 +94,9 @@ def _inputs(
     return pad_states([s[:n] for s, n in zip(states, cut, strict=True)]), collate(prompts, pad_id)
 
 
+LOGITS_BYTES = 256 << 20  # (positions, vocabulary) logits held at once by _nll_grad
+
+
 def _example_losses(
     model: nn.Module, states: torch.Tensor, batch: Batch, split: int
 ) -> torch.Tensor:
@@ -115,10 +118,12 @@ def _nll_grad(
     batch: Batch,
     head: nn.Module,
     n: int,
-    chunk: int = 64,
+    chunk: int | None = None,
     softcap: float | None = None,
 ):
-    """d(sum_i mean-NLL_i) / d(normed), (N, H), computed ``chunk`` positions at a time.
+    """d(sum_i mean-NLL_i) / d(normed), (N, H), computed ``chunk`` positions at a time
+    (default: as many as fit ``LOGITS_BYTES`` of logits; each chunk streams the head's
+    weight twice, so at 64 positions that streaming cost more than the products).
 
     ``softmax(z) - onehot`` times ``1/count_i`` times the head weight: the same products as
     autograd through ``cross_entropy``, without (N, V) logits and their gradient in memory
@@ -128,6 +133,7 @@ def _nll_grad(
     """
     rows = batch.rows.to(normed.device)
     targets = batch.targets.to(normed.device)
+    chunk = chunk or max(64, LOGITS_BYTES // (4 * head.weight.shape[0]))
     counts = torch.bincount(rows, minlength=n).clamp(min=1).to(normed.dtype)
     out = torch.empty_like(normed)
     for s in range(0, normed.shape[0], chunk):
