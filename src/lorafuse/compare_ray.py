@@ -31,7 +31,6 @@ import numpy as np
 
 from lorafuse.compare import (
     DISTILLED,
-    ENSEMBLES,
     LEARNED,
     ROUTERS,
     TASK_ROUTERS,
