@@ -46,8 +46,12 @@ def test_compare_ray_equals_serial_and_rerun_reuses_finished_rows(
 
     ws = tiny_workspace(tiny_base, tiny_experts, tmp_path)
     serial = run_compare(ws, tmp_path / "serial", distil=False)
+    shards = {p: p.stat().st_mtime_ns for p in ws.cache.directory.glob("*.safetensors")}
+    assert shards  # the serial run's states, on disk
     out = tmp_path / "ray"
     got = run_compare_ray(ws, out, distil=False, only=ONLY)
+    # the workers read those states from the shared cache: nothing recomputed or rewritten
+    assert {p: p.stat().st_mtime_ns for p in ws.cache.directory.glob("*.safetensors")} == shards
     rows = ["base", "oracle", "ties", "learned_global", "arrow"]
     assert list(got["methods"]) == rows and got["reused"] == []
     want = {row: serial["methods"][row] for row in rows}
@@ -70,3 +74,12 @@ def test_compare_ray_equals_serial_and_rerun_reuses_finished_rows(
     # partial results of another configuration (here: another seed) are refused
     with pytest.raises(LorafuseError, match=r"belongs to a different run \(config differs\)"):
         run_compare_ray(ws, out, seed=1, distil=False, only=ONLY)
+
+
+def test_only_without_ray_is_one_line(monkeypatch, capsys) -> None:
+    from tiny_cli import run_main
+
+    code, _, err = run_main(["compare", "--only", "ties"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (
+        "error: --only needs --ray (the serial compare runs every method)"
+    )
