@@ -59,7 +59,7 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], accelerator) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
     for p, g in zip(params, torch.split(flat, [g.numel() for g in grads]), strict=True):
-        p.grad = g.view_as(p).clone()
+        p.grad = g.view_as(p)
 
 
 def train_adapter_data_parallel(
@@ -69,8 +69,6 @@ def train_adapter_data_parallel(
     config: TrainConfig,
     out_dir: str | Path,
     accelerator,
-    *,
-    progress: bool = False,
 ) -> TrainResult:
     """Train a LoRA on ``data`` across ``accelerator``'s processes; process 0 saves it."""
     out_dir = Path(out_dir)
