@@ -214,9 +214,10 @@ def merges(
     out: Path,
     seed: int,
     rows: Mapping[str, tuple[str, dict]] = STATIC_MERGES,
+    learned_rows: Sequence[str] = LEARNED,
 ) -> None:
     """Static merges (``rows``: the registry's ``merge`` with those parameters) and learned
-    merges, saved as PEFT adapters under ``out/merged`` and scored."""
+    merges (``learned_rows``), saved as PEFT adapters under ``out/merged`` and scored."""
     paths: dict[str, Path] = {}
     made_s: dict[str, float] = {}
     for row, (method, params) in rows.items():
@@ -239,7 +240,7 @@ def merges(
         lost = {k: v for k, v in fusion.info.items() if k.startswith("truncation_")}
         if lost:
             table.info[row] = lost
-    for row in LEARNED:
+    for row in learned_rows:
         fusion = build_fusion(ws, row, seed=seed)
         info = fusion.info
         learned = LearnedCoefficients(
@@ -357,7 +358,13 @@ def run_compare(
         timings[key] = time.perf_counter() - t0
         print(f"{key[:-2]}: {timings[key]:.0f}s", flush=True)
     timings["total_s"] = time.perf_counter() - started
+    return write_compare(ws, out, table, timings, seed=seed, title=title)
 
+
+def write_compare(
+    ws: Workspace, out: Path, table: Table, timings: dict[str, float], *, seed: int, title: str
+) -> dict:
+    """results.json, report.md/.html and the plots of a filled table; returns the results."""
     examples = ws.examples("test")
     reference = table.scores.get(ORACLE_ROW)
     summaries = summaries_of(examples, table.scores, reference=reference)

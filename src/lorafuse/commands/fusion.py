@@ -40,16 +40,55 @@ def compare(
         bool,
         typer.Option(help="Add LoRAHub, RegMean, Sens-Merging, DAM, LoraRetriever, EMR, MC-SMoE."),
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Each method a Ray task: 'auto' (running cluster, else local), 'local', or "
+            "a cluster ADDRESS. Workers share the lower-layer state cache on a shared "
+            "filesystem ($LORAFUSE_CACHE/states, default ~/.cache/lorafuse/states; library "
+            "and --out must be shared too); finished methods are kept in OUT/partial and "
+            "a rerun skips them."
+        ),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --ray: only these rows ('references', 'ensembles' or a method; repeatable)."
+        ),
+    ] = None,
+    cpus_per_method: Annotated[int, typer.Option(min=1, help="Ray: CPUs per method.")] = 1,
+    gpus_per_method: Annotated[
+        float | None, typer.Option(min=0, help="Ray: GPUs per method (default 1 if any).")
+    ] = None,
 ) -> None:
     """Every method (ensembles, merges, routers, ELREA) on the test split, with costs:
     results.json, report.md/.html, methods.png, tasks.png."""
     from lorafuse.compare import run_compare
+    from lorafuse.errors import LorafuseError
     from lorafuse.workspace import open_workspace
 
+    if only and ray is None:
+        raise LorafuseError("--only needs --ray (the serial compare runs every method)")
+    if ray is not None:
+        from lorafuse.training.distributed import import_ray
+
+        import_ray()  # not installed: say so before loading the model
     ws = open_workspace(base_model=base_model, library=library, tasks=tasks, seed=seed)
-    results = run_compare(
-        ws, out, seed=seed, recent_merges=recent_merges, seed_methods=seed_methods
-    )
+    if ray is None:
+        results = run_compare(
+            ws, out, seed=seed, recent_merges=recent_merges, seed_methods=seed_methods
+        )
+    else:
+        from lorafuse.compare_ray import run_compare_ray
+
+        results = run_compare_ray(
+            ws, out, seed=seed, recent_merges=recent_merges, seed_methods=seed_methods,
+            only=only, address=ray,
+            cpus_per_method=cpus_per_method, gpus_per_method=gpus_per_method,
+        )  # fmt: skip
+        if results["reused"]:
+            typer.echo(f"reused finished methods from {out}/partial: "
+                       + ", ".join(results["reused"]))  # fmt: skip
     typer.echo(results["table"])
     typer.echo(f"wrote {out}/results.json, report.md, report.html, methods.png, tasks.png")
 
