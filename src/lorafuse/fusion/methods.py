@@ -63,11 +63,15 @@ def learned_coefficients(
     per_layer: bool = False,
     objective: str = "loss",
     search: bool = False,
+    compose: str = "full",
     steps: int = 40,
     lr: float = 0.1,
     seed: int = 0,
 ) -> Fusion:
-    """Merge coefficients learned on validation data (gradient descent or LoRAHub search)."""
+    """Merge coefficients learned on validation data (gradient descent or LoRAHub search;
+    ``compose="factors"``: LoRAHub's (sum w B)(sum w A), searched only)."""
+    if compose == "factors" and not search:
+        raise LorafuseError("compose='factors' (LoRAHub's composition) is searched: search=True")
     experts = list(ws.private.values())
     learned = learned_merge(
         ws.base.model,
@@ -77,20 +81,28 @@ def learned_coefficients(
         per_layer=per_layer,
         objective=objective,  # type: ignore[arg-type]
         search=search,
+        compose=compose,  # type: ignore[arg-type]
         steps=steps,
         lr=lr,
         seed=seed,
         progress=False,
     )
     mixer = ConstantMixer(learned.coef, layers=learned.layers if per_layer else None)
+    sources: list = experts
+    if compose == "factors":  # one composed rank-r LoRA
+        sources, mixer = (
+            [FactorSet("lorahub", learned.to_factors(experts))],
+            ConstantMixer(torch.ones(1)),
+        )
     return Fusion(
         "learned",
         "merging",
-        experts,
+        sources,
         mixer,
         info={
             "train_s": learned.seconds,
             "coefficients": learned.coef.tolist(),
+            "compose": compose,
             "layers": learned.layers,
             "objective_history": learned.history,
         },
@@ -372,7 +384,8 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         fusion_method("merge", "merging", static_merge, open_params=True),
         fusion_method("learned_global", "merging", learned_coefficients),
         fusion_method("learned_per_layer", "merging", learned_coefficients, per_layer=True),
-        fusion_method("lorahub", "merging", learned_coefficients, search=True),
+        fusion_method("lorahub", "merging", learned_coefficients, search=True, compose="factors"),
+        fusion_method("lorahub_full", "merging", learned_coefficients, search=True),
         fusion_method("ensemble_prob", "ensembling", ensemble, mode="prob"),
         fusion_method("ensemble_logit", "ensembling", ensemble, mode="logit"),
         fusion_method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),
