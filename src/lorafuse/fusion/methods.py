@@ -28,7 +28,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
 from lorafuse.fusion.data_merges import DATA_MERGES
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
-from lorafuse.fusion.hc import cluster_experts, merged_clusters
+from lorafuse.fusion.hc import hierarchical
 from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.seed_routing import SEED_ROUTING
@@ -325,28 +325,6 @@ def _twin_parts(
         )
     router = train_router(feats, labels, len(sources), epochs=epochs, seed=seed)
     return shared_set, sources, feats, labels, router
-
-
-def hierarchical(
-    ws: Workspace,
-    *,
-    n_clusters: int = 4,
-    top_k: int = 1,
-    temperature: float = 0.1,
-    seed: int = 0,
-) -> Fusion:
-    """HC: cluster experts by delta similarity, merge each cluster, route by Arrow."""
-    experts = list(ws.private.values())
-    clusters = cluster_experts(experts, n_clusters)
-    sources = merged_clusters(experts, clusters)
-    names = list(ws.private)
-    return Fusion(
-        "hc_arrow",
-        "routing",
-        sources,
-        ArrowRouter(top_k=top_k, temperature=temperature),
-        info={"clusters": [[names[i] for i in c] for c in clusters]},
-    )
 
 
 # Static merges of the private experts that ``compare`` scores: row -> (merge method, params);
