@@ -99,9 +99,11 @@ def test_seed_method_rows_are_their_methods_alone(tiny_base, tiny_experts, tmp_p
         ws, tmp_path / "out", distil=False, seed_methods=True, skip=frozenset({"twin_group"})
     )
     rows = results["methods"]
-    assert set(SEED_ROWS) <= set(rows)
+    # the tiny experts' ranks differ (2, 4, 3): LoRAHub's composition is left out, with a note
+    assert any(n.startswith("lorahub left out: ") for n in results["notes"])
+    assert set(SEED_ROWS) - set(rows) == {"lorahub"}
     examples = ws.examples("test")
-    for row in SEED_ROWS:
+    for row in set(SEED_ROWS) - {"lorahub"}:
         want = summaries_of(examples, {row: alone(ws, row)})[row]
         assert rows[row]["mean_loss"] == pytest.approx(want["mean_loss"], rel=1e-4), row
         assert rows[row]["family"] == METHODS[row].family, row

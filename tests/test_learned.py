@@ -1,4 +1,5 @@
-"""Learned merge coefficients: gradient descent (loss, entropy), LoRAHub search, export."""
+"""Learned merge coefficients: gradient descent (loss, entropy), LoRAHub search (its own
+composition and the full-rank one), export."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from peft import PeftModel
 from test_train import CONFIG, PATTERN, pattern_examples
 
 from lorafuse.core.encode import Encoded
-from lorafuse.core.mixture import ConstantMixer, mixture_of_loras
+from lorafuse.core.mixture import ConstantMixer, FactorSet, mixture_of_loras
 from lorafuse.core.states import StateCache
+from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import model_log_probs, score_examples
-from lorafuse.library import LoraAdapter, save_adapter
+from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
+from lorafuse.merging.factor_methods import lorahub_compose
 from lorafuse.merging.learned import (
     LearnedCoefficients,
+    composed_loss,
     learn_coefficients,
     objective_value,
     search_coefficients,
@@ -124,11 +128,66 @@ def test_entropy_objective_needs_no_labels_and_sharpens(tiny_base, experts, cach
 def test_lorahub_search_lowers_penalised_loss(tiny_base, experts, cache) -> None:
     val = examples(16, seed=3)
     found = search_coefficients(
-        tiny_base.model, experts, val, cache, l1=0.01, max_evals=40, progress=False
+        tiny_base.model, experts, val, cache, compose="full", l1=0.01, max_evals=40, progress=False
     )
+    assert found.compose == "full"
     assert isinstance(found, LearnedCoefficients) and found.coef.shape == (2,)
     assert (found.coef.abs() <= 1.5 + 1e-6).all()  # within the default bounds
     start = mixture_loss(tiny_base, experts, val, cache, torch.tensor([0.5, 0.5])) + 0.01
     best = mixture_loss(tiny_base, experts, val, cache, found.coef) + 0.01 * found.coef.abs().sum()
     assert best < start - 0.05
     assert found.coef[0] > found.coef[1]
+
+
+def test_lorahub_compose_against_hand_computation() -> None:
+    """(sum w s B)(sum w A), rank r, and not the exact sum of w B A."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [
+        LoraFactors(
+            A=torch.randn(2, 5, generator=gen), B=torch.randn(4, 2, generator=gen), scaling=s
+        )
+        for s in (0.5, 2.0)
+    ]
+    w = [0.7, -0.4]
+    got = lorahub_compose(parts, w)
+    a = w[0] * parts[0].A + w[1] * parts[1].A
+    b = w[0] * 0.5 * parts[0].B + w[1] * 2.0 * parts[1].B
+    assert got.rank == 2
+    torch.testing.assert_close(got.delta(), b @ a)
+    full = sum(wk * p.scaling * p.B @ p.A for p, wk in zip(parts, w, strict=True))
+    assert (got.delta() - full).abs().max() > 0.1  # the cross-terms and w_k^2 on the diagonal
+    # one expert alone with weight 1 gives it back
+    torch.testing.assert_close(lorahub_compose(parts[:1], [1.0]).delta(), parts[0].delta())
+    mixed = LoraFactors(
+        A=torch.randn(3, 5, generator=gen), B=torch.randn(4, 3, generator=gen), scaling=1.0
+    )
+    with pytest.raises(LorafuseError, match="ranks"):
+        lorahub_compose([parts[0], mixed], [0.5, 0.5])
+
+
+def test_lorahub_composition_search_lowers_penalised_loss(tiny_base, experts, cache) -> None:
+    val = examples(16, seed=3)
+    states = cache.get(val)
+    found = search_coefficients(
+        tiny_base.model, experts, val, cache, l1=0.01, max_evals=40, progress=False
+    )
+    assert found.compose == "factors" and found.coef.shape == (2,)
+
+    def penalised(w: torch.Tensor) -> float:
+        return composed_loss(tiny_base.model, experts, w.numpy(), "factors", states, val, 1, 0) + (
+            0.01 * float(w.abs().sum())
+        )
+
+    assert penalised(found.coef) < penalised(torch.tensor([0.5, 0.5])) - 0.05
+    assert found.coef[0].abs() > found.coef[1].abs()
+    # the exported merge is the composed rank-r LoRA, and scores as the search saw it
+    merged = found.to_factors(experts)
+    module = next(iter(merged))
+    ranks = {f.rank for f in merged.values()}
+    assert ranks == {experts[0].factors(module).rank}
+    with mixture_of_loras(tiny_base.model, [FactorSet("m", merged)], ConstantMixer(torch.ones(1))):
+        with torch.no_grad():
+            got = objective_value(tiny_base.model, states, val, 1, 0, "loss").item()
+    assert got + 0.01 * float(found.coef.abs().sum()) == pytest.approx(
+        penalised(found.coef), abs=1e-5
+    )

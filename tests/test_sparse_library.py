@@ -21,7 +21,7 @@ MODULES = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj",
 # small budgets: this checks that every method runs at K = 64, not how well
 PARAMS = {
     "arrow": {"top_k": 2},
-    "hc_arrow": {"n_clusters": 8, "top_k": 2},
+    "hc_arrow": {"n_clusters": 8, "top_k": 2, "steps": 2},
     "learned_router": {"steps": 2, "top_k": 2},
     "twin": {"epochs": 5, "rank": 2, "top_k": 2},
     "twin_group": {"epochs": 5, "rank": 2, "top_k": 2},

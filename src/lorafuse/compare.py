@@ -275,9 +275,16 @@ def fusions(
     scored with their defaults. ``budget``: a method that runs more than ``DENSE_K`` adapters
     on every item (ELREA's cluster ensembles) is scored on :func:`ensemble_caps`' items."""
     cap = (lambda n: ensemble_caps(n)[0]) if budget else None
-    rows, info = run_methods(
-        ws, {row: (row, {}) for row in methods}, "test", seed=seed, items_cap=cap
-    )
+    rows: dict[str, ExampleScores] = {}
+    info: dict[str, dict] = {}
+    for name in methods:
+        try:  # e.g. lorahub's composition on experts of mixed ranks
+            r, i = run_methods(ws, {name: (name, {})}, "test", seed=seed, items_cap=cap)
+        except LorafuseError as err:
+            table.notes.append(f"{name} left out: {err}")
+            continue
+        rows.update(r)
+        info.update(i)
     for row, scores in rows.items():
         if "items_per_task" in info[row]["extra"]:
             table.notes.append(

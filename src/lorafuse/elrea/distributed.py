@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lorafuse.core.encode import Encoded
 from lorafuse.core.states import StateCache
+from lorafuse.elrea.adam_state import AdamMoments
 from lorafuse.elrea.features import (
     check_feature_settings,
     prepare_features,
@@ -43,7 +44,7 @@ def run_chunk(
     adapter_path: str,
     encoded: list[Encoded],
     file: str,
-    v_given: dict[str, torch.Tensor],
+    adam: AdamMoments,
     split: int,
     cache_dir: str | None,
     settings: dict,
@@ -57,7 +58,7 @@ def run_chunk(
     states = cache.get(encoded)
     chunk = list(range(len(encoded)))  # stable sort: the chunk's batches are the serial ones
     write_feature_chunks(
-        base, adapter_path, states, encoded, v_given, [chunk], [Path(file)], split=split,
+        base, adapter_path, states, encoded, adam, [chunk], [Path(file)], split=split,
         **settings,
     )  # fmt: skip
     return file
@@ -87,7 +88,7 @@ def gradient_features_ray(
     if not encoded:
         check_feature_settings(target, projection, dim, batch_size, chunk_size)
         return torch.zeros(0, dim)
-    plan, adapter, v_given = prepare_features(
+    plan, adapter, moments = prepare_features(
         base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
         batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
         chunk_size=chunk_size, directory=directory, progress=progress,
@@ -104,7 +105,7 @@ def gradient_features_ray(
     )
     cache_dir = str(cache.directory.resolve()) if cache.directory is not None else None
     base_arg = shipped_base(ray, base)
-    v_ref = ray.put({k: t.cpu() for k, t in v_given.items()})
+    v_ref = ray.put(moments)
     remote = ray.remote(run_chunk)
     running = {
         remote.options(**resources, name=f"lorafuse:features-{c}").remote(

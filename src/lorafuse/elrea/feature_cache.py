@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from lorafuse.core.encode import Encoded
 from lorafuse.core.states import example_key
-from lorafuse.elrea.lora_grads import _canonical
-from lorafuse.errors import LorafuseError
+from lorafuse.elrea.adam_state import AdamMoments, adam_moments
 from lorafuse.library import LoraAdapter
 from lorafuse.models import BaseModel, cache_root
 
@@ -43,10 +42,6 @@ def _examples_hash(encoded: Sequence[Encoded]) -> str:
     return h.hexdigest()[:16]
 
 
-def _tensor_hash(tensor: torch.Tensor) -> str:
-    return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def _key(**fields: object) -> str:
     text = json.dumps({"format": _FORMAT, **fields}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:20]
@@ -71,25 +66,10 @@ class FeaturePlan:
         return torch.cat([load_file(str(f))["features"] for f in self.files])
 
 
-def _adam_state(
-    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
-) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """``exp_avg_sq`` per canonical weight name, and its hash (``estimated`` when absent)."""
-    if adam_state is None:
-        return None, "estimated"
-    v_given = {_canonical(k): v for k, v in adam_state.items()}
-    v_given = {
-        k: (v.get("exp_avg_sq") if isinstance(v, Mapping) else v) for k, v in v_given.items()
-    }
-    bad = [k for k, v in v_given.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise LorafuseError(f"adam_state has no exp_avg_sq tensor for {bad[0]}")
-    v_hash = hashlib.sha1(
-        "".join(
-            f"{k}:{_tensor_hash(v.detach().float().cpu())}" for k, v in sorted(v_given.items())
-        ).encode()
-    ).hexdigest()[:16]
-    return v_given, v_hash
+def _adam_state(adam_state) -> tuple[AdamMoments | None, str]:
+    """The given Adam moments and their hash (``estimated`` when none are given)."""
+    moments = adam_moments(adam_state)
+    return moments, "estimated" if moments is None else moments.digest()
 
 
 def feature_plan(
@@ -104,6 +84,7 @@ def feature_plan(
     projection: str,
     eps: float,
     v_hash: str,
+    normalisation: str,
     chunk_size: int,
     directory: str | Path | None,
 ) -> FeaturePlan:
@@ -117,7 +98,8 @@ def feature_plan(
         seed=seed,
         projection=projection,
         eps=eps,
-        second_moment=v_hash,
+        normalisation=normalisation,  # "adam_update" (both moments) or "second_moment"
+        second_moment=v_hash,  # the hash of all the given moments, step and betas
         examples=_examples_hash(encoded),
     )
     run = root / _key(kind="features", **settings)

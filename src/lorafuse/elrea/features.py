@@ -10,14 +10,17 @@ they induce on a base adapter. A feature is built in four steps:
    answer, so an unlabeled prompt at inference gets a feature from the same definition
    (the answer tokens are not even run). ``target="answer"`` uses the mean NLL of the answer
    tokens (the training loss). Examples with no target token get a zero feature.
-2. **Adam normalisation** as in LESS: ``g / (sqrt(v) + eps)`` with ``v`` the base adapter's
-   Adam second moment (``exp_avg_sq`` per parameter). Adapters are usually saved without
-   optimizer state; then ``v`` is *estimated* as the mean of squared per-example gradients
-   over the given examples (:func:`estimate_second_moment`, a first pass, cached on disk).
-   This is larger than Adam's average of squared mini-batch gradients, by up to the batch
-   size where the gradients are mostly noise; only its shape across parameters matters
-   after step 4, except relative to ``eps``. To featurise new prompts consistently, pass the
-   training set's estimate as ``adam_state``.
+2. **Adam normalisation** as in ELREA's eq. 5 (after LESS): with the base adapter's
+   optimizer state (both moments, ``adam_state`` with ``exp_avg``, ``exp_avg_sq`` and
+   ``step``), Adam's bias-corrected update direction ``m_hat / (sqrt(v_hat) + eps)`` had
+   ``g`` been the next gradient (:mod:`lorafuse.elrea.adam_state`). With the second moment
+   only: ``g / (sqrt(v) + eps)``. Adapters are usually saved without optimizer state; then
+   ``v`` is *estimated* as the mean of squared per-example gradients over the given
+   examples (:func:`estimate_second_moment`, a first pass, cached on disk). This is larger
+   than Adam's average of squared mini-batch gradients, by up to the batch size where the
+   gradients are mostly noise; only its shape across parameters matters after step 4,
+   except relative to ``eps``. To featurise new prompts consistently, pass the training
+   set's estimate as ``adam_state``.
 3. **Random projection** (Johnson-Lindenstrauss) of the flat gradient (parameters in model
    order, A before B of each module, each weight row-major) to ``dim`` dimensions by a seeded
    Rademacher (default) or Gaussian matrix scaled by ``1/sqrt(dim)``. The matrix is never
@@ -48,6 +51,7 @@ from tqdm.auto import tqdm
 from lorafuse.core.encode import Encoded
 from lorafuse.core.peft_adapters import peft_adapters
 from lorafuse.core.states import StateCache
+from lorafuse.elrea.adam_state import AdamMoments
 from lorafuse.elrea.feature_cache import (
     _adam_state,
     _adapter_fingerprint,
@@ -60,6 +64,8 @@ from lorafuse.elrea.projection import (
     MAX_DIM,
     PROJECTIONS,
     adam_normalise,
+    adam_update,
+    moment_vector,
     project_many,
     second_moment_vector,
 )
@@ -193,7 +199,7 @@ def write_feature_chunks(
     adapter_path: str | Path,
     states: Sequence[torch.Tensor],
     encoded: Sequence[Encoded],
-    v_given: Mapping[str, torch.Tensor],
+    adam: AdamMoments,
     chunks: Sequence[Sequence[int]],
     files: Sequence[Path],
     *,
@@ -214,21 +220,22 @@ def write_feature_chunks(
     pad = base.tokenizer.pad_token_id
     with peft_adapters(base, {_ADAPTER: Path(adapter_path)}) as model:
         linears = lora_linears(model)
-        v = second_moment_vector(v_given, linears)
+        v = second_moment_vector(adam.v, linears)
+        m = None if adam.m is None else moment_vector(adam.m, linears, "exp_avg")
         bar = tqdm(total=sum(len(c) for c in chunks), desc="grad features", disable=not progress)
         per_group = chunks_per_projection(max(map(len, chunks), default=1), v.numel())
         for g in range(0, len(chunks), per_group):
             group = chunks[g : g + per_group]
-            normalised = [
-                adam_normalise(
-                    _batched_grads(
-                        model, linears, states, encoded, c, split, pad, target, batch_size
-                    ),
-                    v,
-                    eps,
+            normalised = []
+            for c in group:
+                grads = _batched_grads(
+                    model, linears, states, encoded, c, split, pad, target, batch_size
                 )
-                for c in group
-            ]
+                if m is None:
+                    normalised.append(adam_normalise(grads, v, eps))
+                else:
+                    normalised.append(adam_update(grads, m, v, adam.step, adam.betas, eps))
+                del grads
             projected = project_many(normalised, dim, seed, projection)
             del normalised
             for feats, chunk, file in zip(projected, group, files[g : g + per_group], strict=True):
@@ -270,7 +277,7 @@ def prepare_features(
     seed: int,
     target: str,
     batch_size: int,
-    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
+    adam_state: AdamMoments | Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
     eps: float,
     projection: str,
     chunk_size: int,
@@ -278,25 +285,26 @@ def prepare_features(
     progress: bool,
 ):
     """What a features call (serial or on Ray) starts from: its chunk plan, the opened
-    adapter, and, when chunks are missing, the run's settings written and the second moment
-    (the given one, else estimated over ``encoded``)."""
+    adapter, and, when chunks are missing, the run's settings written and the Adam moments
+    (the given ones, else the second moment estimated over ``encoded``)."""
     check_feature_settings(target, projection, dim, batch_size, chunk_size)
     adapter = _open_adapter(adapter_path, cache.split)
-    v_given, v_hash = _adam_state(adam_state)
+    moments, v_hash = _adam_state(adam_state)
+    normalisation = "second_moment" if moments is None else moments.normalisation
     plan = feature_plan(
         base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
-        projection=projection, eps=eps, v_hash=v_hash, chunk_size=chunk_size,
-        directory=directory,
+        projection=projection, eps=eps, v_hash=v_hash, normalisation=normalisation,
+        chunk_size=chunk_size, directory=directory,
     )  # fmt: skip
     if plan.todo:
         if not (plan.run / "settings.json").is_file():
             atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
-        if v_given is None:
-            v_given = estimate_second_moment(
+        if moments is None:
+            moments = AdamMoments(estimate_second_moment(
                 base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
                 directory=plan.run.parent, progress=progress,
-            )  # fmt: skip
-    return plan, adapter, v_given
+            ))  # fmt: skip
+    return plan, adapter, moments
 
 
 def gradient_features(
@@ -309,7 +317,7 @@ def gradient_features(
     seed: int = 0,
     target: str = "prompt",
     batch_size: int = 16,
-    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None = None,
+    adam_state: AdamMoments | Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None = None,
     eps: float = 1e-8,
     projection: str = "rademacher",
     chunk_size: int = 64,
@@ -319,16 +327,17 @@ def gradient_features(
     """Unit-norm ELREA gradient features (N, dim) of ``encoded`` for the adapter at
     ``adapter_path`` (see the module docstring for the four steps).
 
-    ``adam_state``: ``exp_avg_sq`` per LoRA weight; without it ``v`` is estimated over
-    ``encoded`` (:func:`estimate_second_moment`). Results are cached on disk per chunk of
-    ``chunk_size`` examples; an interrupted call resumes. ``chunk_size`` examples' full
-    gradients (``chunk_size * P`` floats) are held at once, and the projection matrix is
-    regenerated once per chunk.
+    ``adam_state``: ``exp_avg_sq`` per LoRA weight, or the optimizer's per-weight state
+    (with ``exp_avg`` and ``step``: both moments are used), or :class:`AdamMoments`; without
+    it ``v`` is estimated over ``encoded`` (:func:`estimate_second_moment`). Results are
+    cached on disk per chunk of ``chunk_size`` examples; an interrupted call resumes.
+    ``chunk_size`` examples' full gradients (``chunk_size * P`` floats) are held at once,
+    and the projection matrix is regenerated once per chunk.
     """
     if not encoded:
         check_feature_settings(target, projection, dim, batch_size, chunk_size)
         return torch.zeros(0, dim)
-    plan, adapter, v_given = prepare_features(
+    plan, adapter, moments = prepare_features(
         base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
         batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
         chunk_size=chunk_size, directory=directory, progress=progress,
@@ -337,7 +346,7 @@ def gradient_features(
     if todo:
         write_feature_chunks(
             base, adapter.path, cache.get(encoded, desc="grad features: states"), encoded,
-            v_given, [plan.chunks[c] for c in todo], [plan.files[c] for c in todo],
+            moments, [plan.chunks[c] for c in todo], [plan.files[c] for c in todo],
             split=cache.split, dim=dim, seed=seed, target=target, projection=projection,
             eps=eps, batch_size=batch_size, progress=progress,
         )  # fmt: skip

@@ -1,5 +1,10 @@
 """ELREA's fusion methods by name (registered by :mod:`lorafuse.methods`): the routed
-ensemble of a library's ELREA build and the paper's baselines."""
+ensemble of a library's ELREA build and the paper's baselines.
+
+The paper's ablations: ``elrea_uniform`` (the gradient clusters' experts, uniform weights)
+and ``elrea_random`` (random clusters of the same sizes, uniformly weighted, "an approximate
+Deep Ensembles baseline"). ``elrea_random_cosine`` routes the random clusters' experts by
+ELREA's cosine weights instead (ours: it isolates the clustering from the routing)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ CLUSTERING_OF = {
     "elrea": "gradient",
     "elrea_uniform": "gradient",
     "elrea_random": "random",
+    "elrea_random_cosine": "random",
     "elrea_embedding": "embedding",
 }
 
@@ -41,7 +47,8 @@ ELREA_METHODS: dict[str, FusionMethod] = {
     for m in [
         fusion_method("elrea", "ensembling", elrea),
         fusion_method("elrea_uniform", "ensembling", elrea, weights="uniform"),
-        fusion_method("elrea_random", "ensembling", elrea, clustering="random"),
+        fusion_method("elrea_random", "ensembling", elrea, clustering="random", weights="uniform"),
+        fusion_method("elrea_random_cosine", "ensembling", elrea, clustering="random"),
         fusion_method("elrea_embedding", "ensembling", elrea, clustering="embedding"),
     ]
 }

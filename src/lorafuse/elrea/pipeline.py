@@ -3,6 +3,9 @@
 1. The base adapter (the library's multi-task adapter) is the starting point.
 2. Every training example's gradient feature (``features.gradient_features``: prompt-token
    gradient w.r.t. the LoRA weights, Adam-normalised, projected, unit norm), cached on disk.
+   Adam normalisation uses both moments when the base adapter has a saved optimizer state
+   (``optimizer_state.safetensors``, see ``adam_state``), else the second moment estimated
+   over the training examples; ``elrea.json`` records which (``adam_normalisation``).
 3. BIRCH clusters, rebalanced (``cluster.cluster_features``).
 4. One expert per cluster, initialised from the base adapter, trained on the cluster at a
    lower learning rate (steps proportional to the cluster's size). Resumable: finished
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafuse.core.encode import Encoded
 from lorafuse.core.mixture import BatchMixer
+from lorafuse.elrea.adam_state import OPTIMIZER_FILE, load_adam_state
 from lorafuse.elrea.cluster import Clustering, centroids, cluster_features, elrea_weights
 from lorafuse.elrea.features import estimate_second_moment, gradient_features
 from lorafuse.errors import LorafuseError
@@ -101,14 +105,13 @@ def elrea_stamp(ws: Workspace, config: ElreaConfig, train: list[Encoded]) -> Sta
     """The run an ELREA build belongs to: settings (not the inference temperature),
     featurised examples, base model, split and base adapter."""
     adapter = ws.adapters[config.base_adapter]
+    files = [adapter.path / "adapter_config.json", adapter.weights_path]
+    if (adapter.path / OPTIMIZER_FILE).is_file():  # its moments change every feature
+        files.append(adapter.path / OPTIMIZER_FILE)
     return Stamp.of(
         config.model_dump(exclude={"temperature"}),
         examples_digest(train),
-        {
-            "base": ws.base.fingerprint,
-            "split": ws.cache.split,
-            "adapter": files_digest([adapter.path / "adapter_config.json", adapter.weights_path]),
-        },
+        {"base": ws.base.fingerprint, "split": ws.cache.split, "adapter": files_digest(files)},
     )
 
 
@@ -147,8 +150,9 @@ def input_features(
     ``ray``: a Ray cluster address (or ``auto``) to shard the gradient features over."""
     if config.clustering == "embedding":
         return _prompt_embeddings(ws, encoded)
-    v = load_file(str(out / "second_moment.safetensors"))
     base_path = ws.adapters[config.base_adapter].path
+    # both moments from the base adapter's optimizer state, else the estimated second moment
+    v = load_adam_state(base_path) or load_file(str(out / "second_moment.safetensors"))
     featurize = gradient_features
     if ray is not None:
         from functools import partial
@@ -182,7 +186,8 @@ def build_elrea(
     out.mkdir(parents=True, exist_ok=True)
     claim_build(out, elrea_stamp(ws, config, train))
     v_file = out / "second_moment.safetensors"
-    if not v_file.is_file():
+    moments = load_adam_state(base_path)
+    if moments is None and not v_file.is_file():
         v = estimate_second_moment(ws.base, base_path, train, ws.cache)
         with atomic_path(v_file) as tmp:
             save_file({k: t.contiguous() for k, t in v.items()}, str(tmp))
@@ -221,6 +226,12 @@ def build_elrea(
         "experts": experts,
         "centroids": clustering.centroids.tolist(),
         "notes": clustering.notes,
+        "adam_normalisation": (
+            "second_moment (estimated over the training examples; no optimizer state)"
+            if moments is None
+            else f"adam_update (both moments of the base adapter's optimizer state, step "
+            f"{moments.step}, betas {list(moments.betas)})"
+        ),
         "features_s": round(features_s, 1),
         "train_s": round(train_s, 1),
         "total_s": round(time.perf_counter() - started, 1),

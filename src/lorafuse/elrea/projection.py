@@ -1,5 +1,7 @@
-"""Steps 2 and 3 of an ELREA feature: Adam normalisation (LESS) of the flat LoRA gradient,
-then a seeded Johnson-Lindenstrauss projection generated block by block."""
+"""Steps 2 and 3 of an ELREA feature: Adam normalisation (LESS) of the flat LoRA gradient
+(:func:`adam_update` with both moments, :func:`adam_normalise` with the second only; see
+:mod:`lorafuse.elrea.adam_state`), then a seeded Johnson-Lindenstrauss projection generated
+block by block."""
 
 from __future__ import annotations
 
@@ -26,28 +28,60 @@ def second_moment_vector(
     adapter name as in ``named_parameters``) to ``exp_avg_sq`` tensors, or to an optimizer's
     per-parameter state dict holding ``"exp_avg_sq"``.
     """
+    v = moment_vector(adam_state, linears, "exp_avg_sq")
+    if (v < 0).any():
+        raise LorafuseError("adam_state exp_avg_sq must be finite and non-negative")
+    return v
+
+
+def moment_vector(
+    adam_state: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
+    linears: Sequence[LoraLinear],
+    what: str,
+) -> torch.Tensor:
+    """The flat moment ``what`` (``exp_avg`` or ``exp_avg_sq``), (P,), in ``linears``' order."""
     by_name = {_canonical(k): v for k, v in adam_state.items()}
     parts = []
     for lin in linears:
         value = by_name.get(_canonical(lin.name))
         if isinstance(value, Mapping):
-            value = value.get("exp_avg_sq")
+            value = value.get(what)
         if value is None:
-            raise LorafuseError(f"adam_state has no exp_avg_sq for {lin.name}")
+            raise LorafuseError(f"adam_state has no {what} for {lin.name}")
         if value.numel() != lin.numel:
             raise LorafuseError(
                 f"adam_state[{lin.name}] has {value.numel()} entries, the weight {lin.numel}"
             )
         parts.append(value.detach().reshape(-1).float().cpu())
-    v = torch.cat(parts)
-    if (v < 0).any() or not torch.isfinite(v).all():
-        raise LorafuseError("adam_state exp_avg_sq must be finite and non-negative")
-    return v
+    flat = torch.cat(parts)
+    if not torch.isfinite(flat).all():
+        raise LorafuseError(f"adam_state {what} must be finite")
+    return flat
 
 
 def adam_normalise(grads: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """LESS's Adam-preconditioned gradient ``g / (sqrt(v) + eps)`` (v broadcast over rows)."""
     return grads / (v.to(grads.device, grads.dtype).sqrt() + eps)
+
+
+def adam_update(
+    grads: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """ELREA's / LESS's Adam feature: each row ``g``'s bias-corrected update direction
+    ``m_hat / (sqrt(v_hat) + eps)`` with ``m' = b1 m + (1-b1) g``, ``v' = b2 v + (1-b2) g^2``
+    and ``t = step + 1`` (the step ``g`` would be); ``m``, ``v`` (P,) after ``step`` steps."""
+    b1, b2 = betas
+    t = step + 1
+    m = m.to(grads.device, grads.dtype)
+    v = v.to(grads.device, grads.dtype)
+    m_hat = (b1 * m + (1 - b1) * grads) / (1 - b1**t)
+    v_hat = (b2 * v + (1 - b2) * grads.square()) / (1 - b2**t)
+    return m_hat / (v_hat.sqrt() + eps)
 
 
 def _block_rows(dim: int) -> int:

@@ -28,7 +28,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
 from lorafuse.fusion.data_merges import DATA_MERGES
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
-from lorafuse.fusion.hc import cluster_experts, merged_clusters
+from lorafuse.fusion.hc import hierarchical
 from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.seed_routing import SEED_ROUTING
@@ -63,11 +63,15 @@ def learned_coefficients(
     per_layer: bool = False,
     objective: str = "loss",
     search: bool = False,
+    compose: str = "full",
     steps: int = 40,
     lr: float = 0.1,
     seed: int = 0,
 ) -> Fusion:
-    """Merge coefficients learned on validation data (gradient descent or LoRAHub search)."""
+    """Merge coefficients learned on validation data (gradient descent or LoRAHub search;
+    ``compose="factors"``: LoRAHub's (sum w B)(sum w A), searched only)."""
+    if compose == "factors" and not search:
+        raise LorafuseError("compose='factors' (LoRAHub's composition) is searched: search=True")
     experts = list(ws.private.values())
     learned = learned_merge(
         ws.base.model,
@@ -77,20 +81,28 @@ def learned_coefficients(
         per_layer=per_layer,
         objective=objective,  # type: ignore[arg-type]
         search=search,
+        compose=compose,  # type: ignore[arg-type]
         steps=steps,
         lr=lr,
         seed=seed,
         progress=False,
     )
     mixer = ConstantMixer(learned.coef, layers=learned.layers if per_layer else None)
+    sources: list = experts
+    if compose == "factors":  # one composed rank-r LoRA
+        sources, mixer = (
+            [FactorSet("lorahub", learned.to_factors(experts))],
+            ConstantMixer(torch.ones(1)),
+        )
     return Fusion(
         "learned",
         "merging",
-        experts,
+        sources,
         mixer,
         info={
             "train_s": learned.seconds,
             "coefficients": learned.coef.tolist(),
+            "compose": compose,
             "layers": learned.layers,
             "objective_history": learned.history,
         },
@@ -315,28 +327,6 @@ def _twin_parts(
     return shared_set, sources, feats, labels, router
 
 
-def hierarchical(
-    ws: Workspace,
-    *,
-    n_clusters: int = 4,
-    top_k: int = 1,
-    temperature: float = 0.1,
-    seed: int = 0,
-) -> Fusion:
-    """HC: cluster experts by delta similarity, merge each cluster, route by Arrow."""
-    experts = list(ws.private.values())
-    clusters = cluster_experts(experts, n_clusters)
-    sources = merged_clusters(experts, clusters)
-    names = list(ws.private)
-    return Fusion(
-        "hc_arrow",
-        "routing",
-        sources,
-        ArrowRouter(top_k=top_k, temperature=temperature),
-        info={"clusters": [[names[i] for i in c] for c in clusters]},
-    )
-
-
 # Static merges of the private experts that ``compare`` scores: row -> (merge method, params);
 # each row is the ``merge`` fusion method with those parameters.
 STATIC_MERGES: dict[str, tuple[str, dict]] = {
@@ -372,7 +362,8 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         fusion_method("merge", "merging", static_merge, open_params=True),
         fusion_method("learned_global", "merging", learned_coefficients),
         fusion_method("learned_per_layer", "merging", learned_coefficients, per_layer=True),
-        fusion_method("lorahub", "merging", learned_coefficients, search=True),
+        fusion_method("lorahub", "merging", learned_coefficients, search=True, compose="factors"),
+        fusion_method("lorahub_full", "merging", learned_coefficients, search=True),
         fusion_method("ensemble_prob", "ensembling", ensemble, mode="prob"),
         fusion_method("ensemble_logit", "ensembling", ensemble, mode="logit"),
         fusion_method("ensemble_learned", "ensembling", ensemble, mode="prob", learn=True),

@@ -4,6 +4,9 @@
   a library of LoRAs"): per adapted module, each expert's prototype is the top right-singular
   vector of its ``B A`` (from the factors, no dense matrix); per token, logits ``|v_k . x|``
   (sign-agnostic), top-k, softmax with a temperature. Training-free.
+* :class:`ArrowInitRouter`: the same logits with the prototypes as trainable parameters,
+  initialised from Arrow (the Trade-offs paper's "Arrow HC": routing among clusters of
+  experts initialised with Arrow, then optimised by SGD); before training it is Arrow.
 * :class:`LayerRouter`: a linear router per decoder layer on that layer's input hidden
   states (per token), trained by gradient descent with the experts frozen. Zero-initialised,
   so training starts from the uniform merge (with ``top_k``: from k experts, uniform).
@@ -46,6 +49,13 @@ def arrow_prototypes(module: MixtureLinear) -> torch.Tensor:
     return torch.stack(vs).to(module.A.dtype)
 
 
+def arrow_logits(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """Arrow's logits ``|v_k . x| / |x|`` per token: (..., d) and (K, d) -> (..., K)."""
+    logits = torch.einsum("...d,kd->...k", x, protos.to(x.device, x.dtype)).abs()
+    # logits scale with |x|; normalise per token so the temperature means the same
+    return logits / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
 class ArrowRouter:
     """Per-token, per-module routing by prototype alignment (training-free)."""
 
@@ -57,10 +67,35 @@ class ArrowRouter:
     def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights:
         if module.name not in self._prototypes:
             self._prototypes[module.name] = arrow_prototypes(module)
-        protos = self._prototypes[module.name].to(x.device)
-        logits = torch.einsum("...d,kd->...k", x, protos).abs()
-        # logits scale with |x|; normalise per token so the temperature means the same
-        logits = logits / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        logits = arrow_logits(x, self._prototypes[module.name])
+        return select(logits, self.top_k, self.temperature)
+
+
+class ArrowInitRouter(nn.Module):
+    """Arrow's routing with trainable prototypes (one (K, d_in) parameter per module).
+
+    :meth:`initialise` sets them to Arrow's prototypes of the installed mixture layers, so
+    the untrained router routes exactly as :class:`ArrowRouter`; then they train."""
+
+    def __init__(self, top_k: int = 2, temperature: float = 1.0):
+        super().__init__()
+        self.top_k = top_k
+        self.temperature = temperature
+        self.protos = nn.ParameterDict()
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+    @torch.no_grad()
+    def initialise(self, model: nn.Module) -> None:
+        """Arrow's prototypes of every mixture layer installed in ``model``."""
+        for module in model.modules():
+            if isinstance(module, MixtureLinear):
+                self.protos[self.key(module.name)] = nn.Parameter(arrow_prototypes(module))
+
+    def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights:
+        logits = arrow_logits(x, self.protos[self.key(module.name)])
         return select(logits, self.top_k, self.temperature)
 
 

@@ -7,6 +7,8 @@ No d_out x d_in matrix is formed, so these are cheap for any layer size.
 * :func:`lowrank_average` averages the A's and the B's separately. Its delta is **not** the
   average of the deltas: ``(sum_j b_j B_j)(sum_k a_k A_k)`` has cross-terms ``B_j A_k``
   (j != k) between experts. It keeps the experts' rank (PEFT's ``linear`` combination_type).
+* :func:`lorahub_compose` is LoRAHub's composition (Huang et al. 2023): the same weight on A
+  and on B, ``(sum_k w_k s_k B_k)(sum_k w_k A_k)``, rank r (diagonal terms ``w_k^2 delta_k``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.library import LoraFactors
 from lorafuse.merging.linear import concat_factors
 
-__all__ = ["linear", "lowrank_average", "task_arithmetic"]
+__all__ = ["linear", "lorahub_compose", "lowrank_average", "task_arithmetic"]
 
 
 def linear(parts: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
@@ -74,3 +76,24 @@ def lowrank_average(
         A += math.copysign(factor, signed) * p.A
         B += factor * p.B
     return LoraFactors(A=A, B=B, scaling=1.0)
+
+
+def lorahub_compose(parts: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """LoRAHub's composed module: ``A = sum_k w_k A_k`` and ``B = sum_k w_k s_k B_k``.
+
+    As LoRAHub's code, every factor gets its expert's weight, so the delta is
+    ``(sum_j w_j s_j B_j)(sum_k w_k A_k)``: rank r, with cross-terms, not ``sum_k w_k delta_k``
+    (``s_k``, each expert's scaling, goes on B; with one shared scaling this is the paper's
+    ``s (sum w B)(sum w A)``). Undefined for experts of different ranks: refused (a module an
+    expert does not adapt counts as zero factors of the others' rank).
+    """
+    ranks = sorted({p.rank for p in parts})
+    if len(ranks) != 1:
+        raise LorafuseError(
+            f"lorahub composes A's and B's of one rank, got ranks {ranks}; use lorahub_full"
+        )
+    if len(weights) != len(parts):
+        raise ValueError(f"{len(weights)} weights for {len(parts)} experts")
+    A = sum(float(w) * p.A for p, w in zip(parts, weights, strict=True))
+    B = sum(float(w) * p.scaling * p.B for p, w in zip(parts, weights, strict=True))
+    return LoraFactors(A=A.contiguous(), B=B.contiguous(), scaling=1.0)
