@@ -124,9 +124,7 @@ def main() -> None:
 
         diff_item = (per_item() - mixture()).abs().max().item()
         diff_group = (group_wise() - mixture()).abs().max().item()
-        t = timed_all(
-            {"group": group_wise, "per_item": per_item, "mixture": mixture}, args.repeats
-        )
+        t = timed_all({"group": group_wise, "per_item": per_item, "mixture": mixture}, args.repeats)
     print(f"check: per-item merged vs mixture core logits max |diff| = {diff_item:.2e}")
     print(f"check: group-wise vs mixture core logits max |diff| = {diff_group:.2e} (grouping)")
     print(ratio_line("twin_group_vs_per_item", t["per_item"], t["group"]))

@@ -101,15 +101,6 @@ def twin_sources(
     ]
 
 
-def factor_bytes(sets: Sequence[FactorSet]) -> int:
-    """Stored size of in-memory factor sets (their A's and B's at their dtype)."""
-    return sum(
-        f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size()
-        for s in sets
-        for f in s.modules.values()
-    )
-
-
 @torch.no_grad()
 def shared_features(
     model: nn.Module,
@@ -227,7 +218,7 @@ def twin(
             "shared": shared,
             "scale": scale,
             "rank": rank if rank is not None else "expert",
-            "exclusive_mb": factor_bytes(sources) / 2**20,
+            "exclusive_mb": sum(s.num_bytes for s in sources) / 2**20,
             "top_k": top_k,
         },
     )
