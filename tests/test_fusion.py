@@ -17,7 +17,7 @@ from lorafuse.fusion.base import Ensemble, Fusion, installed, prompt_mean
 from lorafuse.fusion.ensemble import fit_mixture_weights, score_ensembles, target_log_probs
 from lorafuse.fusion.hc import cluster_experts, delta_cosines, factor_inner
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter, arrow_prototypes, top_k_softmax
-from lorafuse.fusion.twin import GroupWeights, twin_sources
+from lorafuse.fusion.twin import twin_sources
 
 SEQS = [(3, 17, 9, 88, 41, 5), (7, 7, 2, 99, 31, 11), (1, 2, 3, 4, 5, 6)]
 PROMPT_LEN = 3
@@ -135,13 +135,6 @@ def test_twin_low_rank_exclusive_is_the_best_approximation(tiny_experts) -> None
     err = torch.linalg.norm(diff.double() - sources[2].factors(module).delta().double())
     assert sources[2].factors(module).rank == 2
     assert err.item() == pytest.approx(s[2:].pow(2).sum().sqrt().item(), rel=1e-4)
-
-
-def test_group_weights_average_within_groups() -> None:
-    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
-    groups = GroupWeights(w, groups_per_bin=1)
-    np.testing.assert_allclose(groups(np.array([[0.7, 0.3]])), [[0.85, 0.15]])
-    np.testing.assert_allclose(groups(np.array([[0.4, 0.6]])), [[0.15, 0.85]])
 
 
 def test_factor_inner_product_and_clusters(tiny_experts) -> None:

@@ -24,7 +24,6 @@ PARAMS = {
     "hc_arrow": {"n_clusters": 8, "top_k": 2, "steps": 2},
     "learned_router": {"steps": 2, "top_k": 2},
     "twin": {"epochs": 5, "rank": 2, "top_k": 2},
-    "twin_group": {"epochs": 5, "rank": 2, "top_k": 2},
 }
 # routing methods that choose per input without the top-k mixture (a task's own delta, a
 # retrieved mixture of three, merged groups): they must run at K = 64
@@ -33,6 +32,7 @@ OTHERS = {
     "emr": {"rank": 4},
     "emr_retriever": {"rank": 4, "per_task": 2},
     "mc_smoe": {"n_groups": 8, "rank": 2},
+    "twin_group": {"epochs": 5, "rank": 2, "top_k": 2, "groups": 8},  # dense merge per group
 }
 
 

@@ -56,6 +56,14 @@ class FactorSet:
     def module_names(self) -> list[str]:
         return list(self.modules)
 
+    @property
+    def num_bytes(self) -> int:
+        """Size of the factors (A's and B's at their dtype), as stored."""
+        return sum(
+            f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size()
+            for f in self.modules.values()
+        )
+
     def factors(self, module: str) -> LoraFactors:
         return self.modules[module]
 

@@ -29,6 +29,8 @@ from lorafuse.fusion.ensemble import combine, replicated_logits
 
 # (model, states (B, T, H), batch) -> None: sets the mixer's weights for this batch
 RouteFn = Callable[[nn.Module, torch.Tensor, Batch], None]
+# (model, states, batch) -> target logits (N, V): a method that runs the batch its own way
+RunFn = Callable[[nn.Module, torch.Tensor, Batch], torch.Tensor]
 # model -> context manager (hooks that live while the mixture is installed)
 HookFn = Callable[[nn.Module], contextlib.AbstractContextManager]
 
@@ -55,6 +57,7 @@ class Fusion:
     ensemble: Ensemble | None = None
     shared: FactorSource | None = None  # a delta for every input, folded into the weights
     prepare: Callable[[Sequence[Encoded]], None] | None = None  # sees the inputs first
+    run: RunFn | None = None  # runs a batch itself (group-wise merging), after ``route``
     sparse: bool = True  # top-k weights: compute the selected experts only (False: dense)
     info: dict = field(default_factory=dict)  # parameters, training time, weights
 
@@ -71,6 +74,8 @@ def installed(model: nn.Module, fusion: Fusion, split: int) -> Iterator[LogProbF
         def log_probs(states: torch.Tensor, batch: Batch) -> torch.Tensor:
             if fusion.route is not None:
                 fusion.route(model, states, batch)
+            if fusion.run is not None:
+                return F.log_softmax(fusion.run(model, states, batch), dim=-1)
             if fusion.ensemble is not None:
                 return ensemble_log_probs(model, fusion, states, batch, split)
             return F.log_softmax(target_logits(model, states, batch, split), dim=-1)

@@ -14,16 +14,13 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lorafuse.core.fit import fit_parameters, per_example_nll
 from lorafuse.core.mixture import (
     BatchMixer,
     ConstantMixer,
     FactorSet,
-    mixture_of_loras,
 )
-from lorafuse.core.sparse import top_k_of_weights
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Ensemble, Fusion, installed
 from lorafuse.fusion.data_merges import DATA_MERGES
@@ -32,8 +29,7 @@ from lorafuse.fusion.hc import hierarchical
 from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.seed_routing import SEED_ROUTING
-from lorafuse.fusion.twin import GroupWeights, feature_table, shared_features, train_router
-from lorafuse.fusion.twin import twin_sources as make_twin_sources
+from lorafuse.fusion.twin import twin, twin_group
 from lorafuse.merging import merge
 from lorafuse.merging.learned import adapted_layers, learned_merge
 from lorafuse.merging.truncation import truncation_info
@@ -241,92 +237,6 @@ def learned_router(
     return fusion
 
 
-def twin(
-    ws: Workspace,
-    *,
-    shared: str = "task_arithmetic",
-    scale: float = 0.3,
-    rank: int = 32,
-    max_per_task: int = 1000,
-    epochs: int = 300,
-    group: bool = False,
-    groups_per_bin: int = 2,
-    top_k: int = 0,
-    seed: int = 0,
-) -> Fusion:
-    """Twin-Merging: shared merge + routed SVD-compressed exclusive deltas (MLP router;
-    ``top_k`` > 0: only the k largest weights, renormalised, computed sparsely)."""
-    started = time.perf_counter()
-    key = ("twin", shared, scale, rank, max_per_task, epochs, seed)
-    if key not in ws.memo:  # twin and twin_group share sources and router
-        ws.memo[key] = _twin_parts(ws, *key[1:])
-    shared_set, sources, feats, labels, router = ws.memo[key]
-    n = len(sources)
-    mixer = BatchMixer()
-    split = ws.cache.split
-    groups = None
-    if group:
-        with torch.no_grad():
-            val_w = F.softmax(router(feats), -1).numpy()
-        groups = GroupWeights(val_w, groups_per_bin, seed)
-
-    def route(model, states, batch) -> None:
-        f = shared_features(model, mixer, n, states, batch, split)
-        with torch.no_grad():
-            w = F.softmax(router(f.cpu()), -1)
-        if groups is not None:
-            w = torch.as_tensor(groups(w.numpy()), dtype=w.dtype)
-        if 0 < top_k < n:
-            mixer.current = top_k_of_weights(w, top_k).to(states.device)
-        else:
-            mixer.current = w.to(states.device)
-
-    with torch.no_grad():
-        val_acc = float((router(feats).argmax(-1) == labels).float().mean())
-    return Fusion(
-        "twin_group" if group else "twin",
-        "routing",
-        sources,
-        mixer,
-        route=route,
-        shared=shared_set,
-        info={
-            "train_s": time.perf_counter() - started,
-            "router_val_accuracy": val_acc,
-            "shared": shared,
-            "scale": scale,
-            "rank": rank,
-            "top_k": top_k,
-        },
-    )
-
-
-def _twin_parts(
-    ws: Workspace, shared: str, scale: float, rank: int, max_per_task: int, epochs: int, seed: int
-) -> tuple:
-    """Shared + exclusive factor sets, validation prompt features and labels, trained router."""
-    ws.require_tasks("twin (its router learns which expert's task a prompt is)")
-    experts = list(ws.private.values())
-    params = {"scale": scale} if shared in ("task_arithmetic", "ties", "dare_ties") else {}
-    shared_set, *sources = make_twin_sources(
-        experts, shared_method=shared, shared_params=params, rank=rank
-    )
-    val_examples, val_encoded = ws.examples(VAL), ws.encoded(VAL)
-    order = list(ws.private)
-    missing = {ex.task for ex in val_examples} - set(ws.expert_of)
-    if missing:
-        raise LorafuseError(f"twin: no private expert for task(s) {', '.join(sorted(missing))}")
-    keep = ws.per_task(VAL, max_per_task)
-    labels = torch.tensor([order.index(ws.expert_of[val_examples[i].task]) for i in keep])
-    mixer = BatchMixer()
-    with mixture_of_loras(ws.base.model, sources, mixer, shared_set):
-        feats = feature_table(
-            ws.base.model, mixer, len(sources), [val_encoded[i] for i in keep], ws.cache
-        )
-    router = train_router(feats, labels, len(sources), epochs=epochs, seed=seed)
-    return shared_set, sources, feats, labels, router
-
-
 # Static merges of the private experts that ``compare`` scores: row -> (merge method, params);
 # each row is the ``merge`` fusion method with those parameters.
 STATIC_MERGES: dict[str, tuple[str, dict]] = {
@@ -371,7 +281,7 @@ FUSION_METHODS: dict[str, FusionMethod] = {
         fusion_method("arrow", "routing", arrow),
         fusion_method("learned_router", "routing", learned_router),
         fusion_method("twin", "routing", twin),
-        fusion_method("twin_group", "routing", twin, group=True),
+        fusion_method("twin_group", "routing", twin_group),
         fusion_method("hc_arrow", "routing", hierarchical),
     ]
 }

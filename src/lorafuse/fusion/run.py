@@ -49,7 +49,7 @@ def source_bytes(sources) -> int:
         if isinstance(s, LoraAdapter):
             total += s.num_bytes
         elif isinstance(s, FactorSet):
-            total += sum(4 * (f.A.numel() + f.B.numel()) for f in s.modules.values())
+            total += s.num_bytes
     return total
 
 
