@@ -33,6 +33,7 @@ OTHERS = {
     "emr": {"rank": 4},
     "emr_retriever": {"rank": 4, "per_task": 2},
     "mc_smoe": {"n_groups": 8, "rank": 2},
+    "arrow_top1": {},
 }
 
 
