@@ -166,6 +166,14 @@ def test_a_forced_re_compression_is_reported(ws, tmp_path) -> None:
     assert result.truncation and "relative Frobenius error mean" in lines[0]
     spec = json.loads((tmp_path / "b" / "router.json").read_text())
     assert set(spec["truncation"]) == set(result.truncation)
+    reference = reference_deltas(ws, "twin", build_fusion(ws, "twin", **PARAMS["twin"]))
+    for name, modules in result.truncation.items():
+        for module, lost in modules.items():  # the reported loss is what PEFT sees
+            want = reference[name][module].double()
+            got = peft_delta(ws.base.model, tmp_path / "b" / "adapters" / name, module).double()
+            error = float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want))
+            assert lost.rel_error == pytest.approx(error, rel=1e-3, abs=1e-5)
+            assert spec["truncation"][name][module]["rel_error"] == lost.rel_error
 
 
 @pytest.mark.parametrize(
@@ -176,3 +184,45 @@ def test_per_token_routers_are_refused_in_one_line(ws, method, params, tmp_path)
     with pytest.raises(LorafuseError, match="per token") as err:
         export_bundle(ws, method, tmp_path / "b", params=params)
     assert "\n" not in str(err.value) and not (tmp_path / "b").exists()
+
+
+def test_export_command_writes_a_bundle_that_routes_prompts(tmp_path, monkeypatch, capsys) -> None:
+    """``lorafuse export --library L --method arrow_top1 OUT`` on a local model folder; the
+    bundle loads its base model by itself and routes plain strings; per-token: exit 2."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_cli import make_tiny_model, run_main, task_file
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.library.create import create_library
+
+    base_dir = make_tiny_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    paths = []
+    for k, targets in enumerate((["q_proj", "v_proj"], ["v_proj", "up_proj"])):
+        torch.manual_seed(40 + k)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        peft = get_peft_model(copy.deepcopy(model), cfg)
+        peft.save_pretrained(tmp_path / f"a{k}")
+        paths.append(tmp_path / f"a{k}")
+    create_library(tmp_path / "lib", paths, names=["e_up", "e_rev"], tasks=["up", "rev"])
+    tasks = task_file(tmp_path / "tasks.jsonl")
+    common = ["--library", str(tmp_path / "lib"), "--tasks", str(tasks)]
+    common += ["--base-model", str(base_dir)]
+    code, out, err = run_main(
+        ["export", *common, "--method", "arrow_top1", str(tmp_path / "bundle")],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    assert "router bundle" in out and "rank 8" in out
+    router = load_router(tmp_path / "bundle")
+    routes = router.route(["up w00a", "rev w01b", "up w02c"])
+    assert len(routes) == 3
+    assert all(r.adapters[0] in ("e_up", "e_rev") and r.weights == [1.0] for r in routes)
+
+    capsys.readouterr()  # the model loading's progress bars
+    code, _, err = run_main(
+        ["export", *common, "--method", "arrow", str(tmp_path / "x")], monkeypatch, capsys
+    )
+    assert code == 2 and "per token" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
