@@ -226,3 +226,22 @@ def test_export_command_writes_a_bundle_that_routes_prompts(tmp_path, monkeypatc
     )
     assert code == 2 and "per token" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["twin", "learned_router"])
+def test_mixture_adapter_computes_what_lorafuse_computes(ws, method, tmp_path) -> None:
+    """A request's exact mix as one adapter: PEFT's loss on it is the in-process method's."""
+    export_bundle(ws, method, tmp_path / "bundle", params=PARAMS[method], report=lambda _: None)
+    fusion = build_fusion(ws, method, **PARAMS[method])
+    test = ws.encoded("test")[::4]
+    want = evaluate(ws.base.model, fusion, test, ws.cache).loss
+    router = load_router(tmp_path / "bundle", base=ws.base)
+    for i, (e, r) in enumerate(zip(test, router.route_encoded(test), strict=True)):
+        assert router.mixture_adapter(r, tmp_path / f"mix{i}") == {}  # exact
+        peft = PeftModel.from_pretrained(copy.deepcopy(ws.base.model), str(tmp_path / f"mix{i}"))
+        with torch.no_grad():
+            logits = peft(input_ids=torch.tensor([e.ids])).logits[0]
+        logp = torch.log_softmax(logits[e.prompt_len - 1 : -1], -1)
+        targets = torch.tensor(e.ids[e.prompt_len :])[:, None]
+        nll = -logp.gather(1, targets).mean()
+        assert float(nll) == pytest.approx(float(want[i]), abs=1e-4)

@@ -14,7 +14,9 @@ What each method's bundle serves:
 
 * ``twin``: Twin-Merging mixes shared + Σ a_t exclusive_t per input; at request level the
   bundle serves the top-1 routed choice, ``shared + exclusive_t``, as one adapter per expert
-  (the router's softmax is reported too);
+  (the router's softmax is reported too; ``BundleRouter.mixture_adapter`` writes the exact
+  per-request ``shared + Σ_t a_t exclusive_t`` as one adapter, for engines that load
+  adapters at run time);
 * ``arrow_top1``: request-level Arrow (:mod:`lorafuse.fusion.request_routing`), the library
   experts, one per request, exactly as lorafuse runs it;
 * ``learned_router`` (per prompt): the library experts; the router gives per-layer weights
@@ -125,6 +127,7 @@ def twin_bundle(ws: Workspace, fusion) -> Bundle:
         "features": "mean over the prompt of the final-normed last hidden state of the base "
         "model plus the shared delta (router_adapters/shared)",
         "serve": "top1",
+        "top_k": int(fusion.info.get("top_k") or 0),  # the in-process mix: top-k of softmax
         "hidden": int(router.net[0].in_features),
         "width": int(width),
     }
@@ -240,7 +243,7 @@ def export_bundle(
         **bundle.spec,
         "adapters": list(bundle.adapters),
         "rank": r,
-        "base_model": str(ws.base.path) if ws.base.path is not None else ws.base.name,
+        "base_model": base_model_spec(ws),
         "split": int(ws.cache.split),
         "truncation": {
             a: {
@@ -267,6 +270,17 @@ def export_bundle(
     result = BundleResult(Path(out), r, {a: m for a, m in lost.items() if m})
     report(result.summary())
     return result
+
+
+def base_model_spec(ws: Workspace) -> str:
+    """What ``load_router`` loads: 'embedded' for the embedded model (its converted copy is
+    per machine), else the base model's folder (or, in memory, its name)."""
+    from lorafuse.models import EMBEDDED, cache_root
+
+    if ws.base.path is None:
+        return ws.base.name
+    embedded = cache_root() / "models" / "SmolLM2-135M-Instruct"  # models.embedded_model_dir
+    return EMBEDDED if ws.base.path.resolve() == embedded.resolve() else str(ws.base.path)
 
 
 def bundle_readme(spec: dict[str, Any]) -> str:

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 
 from lorafuse.core.encode import Encoded, collate, encode_prompt, end_of_turn_id
 from lorafuse.core.forward import final_hidden
-from lorafuse.core.mixture import BatchMixer, mixture_of_loras
-from lorafuse.core.sparse import TopK
+from lorafuse.core.mixture import BatchMixer, layer_index, mixture_of_loras
+from lorafuse.core.sparse import TopK, top_k_of_weights
 from lorafuse.core.states import StateCache, pad_states
 from lorafuse.errors import LorafuseError
 from lorafuse.eval.harness import length_batches
@@ -36,9 +36,12 @@ from lorafuse.fusion.base import prompt_mask
 from lorafuse.fusion.request_routing import prompt_arrow_scores
 from lorafuse.fusion.routers import LayerRouter
 from lorafuse.fusion.twin import TwinRouter, feature_table
-from lorafuse.library import LoraAdapter
+from lorafuse.library import LoraAdapter, module_factors, union_modules
+from lorafuse.merging.linear import concat_factors
+from lorafuse.merging.truncation import Truncation
 from lorafuse.models import BaseModel, load_base_model
 from lorafuse.serving.bundle import FORMAT, ROUTER_JSON, ROUTER_WEIGHTS
+from lorafuse.serving.export import _write_vllm, uniform_factors, vllm_rank
 
 MAX_TOKENS = 4096  # tokens per routing batch
 
@@ -112,6 +115,36 @@ class BundleRouter:
             return self._elrea(encoded), {}
         raise LorafuseError(f"unknown router kind {self.kind!r}", self.path / ROUTER_JSON)
 
+    def mixture_adapter(self, route: Route, out: str | Path) -> dict[str, Truncation]:
+        """Write one vLLM adapter whose delta is this request's mix of the bundle's adapters,
+        exactly what lorafuse computes for it: Twin's softmax over its choices (``shared +
+        Σ a_t exclusive_t``, as the weights sum to 1), the learned router's per-layer
+        weights, Arrow's one-hot. Load it at run time (vLLM: ``/v1/load_lora_adapter``).
+        Returns the re-compression per module (empty when exact). ELREA mixes logits, which
+        no single adapter computes: refused."""
+        if self.kind == "elrea":
+            raise LorafuseError("elrea combines its adapters' logits: no single adapter is it")
+        experts = [LoraAdapter.open(self.path / "adapters" / n) for n in self.names]
+        if route.layers is not None:
+            per_layer = route.layers
+        else:
+            mix = [route.scores[n] if self.kind == "twin" else 0.0 for n in self.names]
+            if self.kind != "twin":
+                mix[self.names.index(route.adapters[0])] = 1.0
+            per_layer = None
+        factors = {}
+        for m in union_modules(experts):
+            w = per_layer[layer_index(m)] if per_layer is not None else mix
+            factors[m] = concat_factors(module_factors(experts, m), w)
+        rank = vllm_rank([f.rank for f in factors.values()], None)
+        served, lost = {}, {}
+        for m, f in factors.items():
+            served[m], info = uniform_factors(f, rank, pad=True)
+            if info is not None:
+                lost[m] = info
+        _write_vllm(Path(out), served, rank, self.spec["base_model"])
+        return lost
+
     def _prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
@@ -129,7 +162,9 @@ class BundleRouter:
         mixer = BatchMixer()
         with mixture_of_loras(self.base.model, [shared], mixer, shared):  # shared folded in
             feats = feature_table(self.base.model, mixer, 1, encoded, self.cache)
-        return F.softmax(router.eval()(feats), -1)
+        w = F.softmax(router.eval()(feats), -1)
+        top_k = spec.get("top_k", 0)
+        return top_k_of_weights(w, top_k).dense() if 0 < top_k < w.shape[-1] else w
 
     def _arrow(self, encoded: list[Encoded]) -> torch.Tensor:
         protos = self._prefixed("arrow.")
