@@ -77,7 +77,8 @@ class BundleResult:
 
     def summary(self) -> str:
         lost = {f"{a}:{m}": t for a, mods in self.truncation.items() for m, t in mods.items()}
-        return f"wrote router bundle {self.path} at rank {self.rank}; {format_summary(lost)}"
+        what = format_summary(lost) if lost else "no re-compression: every adapter is exact"
+        return f"wrote router bundle {self.path} at rank {self.rank}; {what}"
 
 
 def refuse_unservable(method: str, params: dict[str, Any]) -> None:
