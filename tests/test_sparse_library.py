@@ -33,6 +33,7 @@ OTHERS = {
     "emr_retriever": {"rank": 4, "per_task": 2},
     "mc_smoe": {"n_groups": 8, "rank": 2},
     "twin_group": {"epochs": 5, "rank": 2, "top_k": 2, "groups": 8},  # dense merge per group
+    "arrow_top1": {},
 }
 
 

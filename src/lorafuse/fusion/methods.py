@@ -27,6 +27,7 @@ from lorafuse.fusion.data_merges import DATA_MERGES
 from lorafuse.fusion.ensemble import fit_mixture_weights, target_log_probs
 from lorafuse.fusion.hc import hierarchical
 from lorafuse.fusion.registry import FusionMethod, build_fusion, fusion_method, register_fusion
+from lorafuse.fusion.request_routing import REQUEST_ROUTING
 from lorafuse.fusion.routers import ArrowRouter, LayerRouter
 from lorafuse.fusion.seed_routing import SEED_ROUTING
 from lorafuse.fusion.twin import twin, twin_group
@@ -287,7 +288,7 @@ FUSION_METHODS: dict[str, FusionMethod] = {
 }
 
 # the seed papers' data-driven merges and routers (issue 11), registered from their modules
-_SEEDS = {**DATA_MERGES, **SEED_ROUTING}
+_SEEDS = {**DATA_MERGES, **SEED_ROUTING, **REQUEST_ROUTING}
 FUSION_METHODS.update({n: fusion_method(n, f, b, **d) for n, (f, b, d) in _SEEDS.items()})
 
 

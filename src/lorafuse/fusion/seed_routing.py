@@ -29,6 +29,7 @@ from lorafuse.core.encode import collate
 from lorafuse.core.mixture import BatchMixer, FactorSet, FactorSource
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.base import Fusion, prompt_mean
+from lorafuse.library import module_factors, union_modules
 from lorafuse.merging.emr import emr_module, rescalers, task_delta
 from lorafuse.merging.mc_smoe import mc_smoe_sources
 from lorafuse.merging.merge import stack_deltas
@@ -100,14 +101,15 @@ def lora_retriever(ws: Workspace, *, top_k: int = 3, per_task: int = 20, seed: i
 def emr_sources(
     experts: Sequence[FactorSource], rank: int | None
 ) -> tuple[list[FactorSet], list[float]]:
-    """Each task's EMR delta ``lambda_t M_t * tau_uni`` per module as LoRA factors."""
-    modules = experts[0].module_names
+    """Each task's EMR delta ``lambda_t M_t * tau_uni`` per module as LoRA factors, over the
+    union of the experts' modules (zero delta where an expert has none, as the merges)."""
     per_module = {}
     abs_task = abs_masked = 0.0
-    for m in modules:
-        parts = [e.factors(m) for e in experts]
+    for m in union_modules(experts):
+        parts = module_factors(experts, m)  # zeros where an expert does not adapt m
         mod = emr_module(stack_deltas(parts))
-        per_module[m] = (mod, rank or sum(p.rank for p in parts))
+        own = sum(e.factors(m).rank for e in experts if m in set(e.module_names))
+        per_module[m] = (mod, rank or own)
         abs_task, abs_masked = abs_task + mod.abs_task, abs_masked + mod.abs_masked
     lam = rescalers(torch.as_tensor(abs_task), torch.as_tensor(abs_masked))
     sources = [
