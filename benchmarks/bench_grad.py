@@ -34,7 +34,8 @@ batches (the same loss, ``torch.autograd.grad`` of its sum w.r.t. the LoRA weigh
 per-example gradients kept). Target: ratio <= 1.3. ``--clock cpu`` times both with this
 process's CPU time (one thread on a busy machine).
 
-Measured on 1 thread of a shared 2-core Xeon (AVX-512) before the NLL gradient took larger chunks: ratio 1.6 for ``--target prompt``,
+Measured on 1 thread of a shared 2-core Xeon (AVX-512) before the NLL gradient took larger
+chunks: ratio 1.6 for ``--target prompt``,
 2.4 for ``--target answer``; both sides run the same matrix products (the loop is not
 wasteful, only its ~30-row GEMMs are less efficient), so the >= 5 target is out of reach on
 a CPU. Timings on a busy machine vary by +-20%.

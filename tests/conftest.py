@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -82,3 +83,16 @@ def _single_torch_thread() -> None:
     """Tiny models gain nothing from threads, and with other jobs on the CPU, torch's thread
     pool spin-waits make each tiny forward ~100x slower (250 ms vs 3 ms measured)."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local 2-CPU Ray cluster for the whole run (started once, on first use)."""
+    ray = pytest.importorskip("ray")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": src, "OMP_NUM_THREADS": "1"}},
+    )  # fmt: skip
+    yield ray
+    ray.shutdown()

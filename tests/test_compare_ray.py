@@ -18,18 +18,6 @@ from lorafuse.errors import LorafuseError
 ONLY = ("references", "ties", "learned_global", "arrow")  # a shared pass, 2 merges, a router
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": src, "OMP_NUM_THREADS": "1"}},
-    )  # fmt: skip
-    yield ray
-    ray.shutdown()
-
-
 def scores(methods: dict) -> dict:
     """Each row's scores (mean and per task), without the measured costs."""
     keep = ("mean_loss", "mean_accuracy", "n")

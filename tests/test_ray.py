@@ -34,18 +34,6 @@ def suite() -> TaskSuite:
     return TaskSuite({"train": rows, "val": rows[:3], "test": rows[:3]})
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": src, "OMP_NUM_THREADS": "1"}},
-    )  # fmt: skip
-    yield ray
-    ray.shutdown()
-
-
 def weights(library: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(library / "experts" / name / "adapter_model.safetensors"))
 
