@@ -17,8 +17,11 @@ to float reassociation (tested: max |Δ| of the LoRA weights < 1e-5 after a few 
 
 The lower-layer states are computed by the main process first (task by task, as the library
 trainer does) and read from the shared state cache by the others. Process 0 saves the
-adapter atomically, with ``data_parallel.json`` (world size, losses). Not resumable:
-an interrupted run starts again.
+adapter atomically, with ``data_parallel.json`` (world size, losses), and every
+``checkpoint_every`` steps a checkpoint stamped exactly as
+:func:`~lorafuse.training.train.train_adapter`'s: a rerun resumes it (at any number of
+processes, even from a single-process run's checkpoint) and refuses, restarting and saying
+so, one from another configuration or other data.
 """
 
 from __future__ import annotations
@@ -44,7 +47,16 @@ from lorafuse.models import BaseModel, load_base_model
 from lorafuse.tasks import load_tasks
 from lorafuse.training.config import TrainConfig
 from lorafuse.training.library import ExpertJob, JobData, job_data
-from lorafuse.training.train import TrainResult, _lr_factor, lora_config, split_layer
+from lorafuse.training.train import (
+    TrainResult,
+    checkpoint_path,
+    lora_config,
+    lr_factor,
+    resume_state,
+    run_stamp,
+    save_checkpoint,
+    split_layer,
+)
 
 REPORT_NAME = "data_parallel.json"
 
@@ -80,19 +92,28 @@ def train_adapter_data_parallel(
         for encoded in data.by_task.values():
             cache.get(encoded, desc="states")
         states = cache.get(data.encoded, desc="states")
+    stamp = run_stamp(base, data.encoded, config, split, None, None)
+    ckpt = checkpoint_path(out_dir)
     torch.manual_seed(config.seed)
     model = get_peft_model(base.model, lora_config(config, base))
     model.peft_config[model.active_adapter].base_model_name_or_path = base.name
     try:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
+        step, losses, elapsed = 0, [], 0.0
+        with accelerator.main_process_first():  # process 0 alone drops a stale checkpoint
+            state = resume_state(ckpt, model, stamp, "data-parallel training")
+        if state is not None:
+            model.load_state_dict(state["lora"], strict=False)  # keys checked equal
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
         device = next(model.parameters()).device
         pad = base.tokenizer.pad_token_id
         model.train()
-        losses: list[float] = []
-        start = time.perf_counter()
-        for step in range(config.steps):
+        start = time.perf_counter() - elapsed
+        while step < config.steps:
             idx = batch_indices(len(data.encoded), step, config.batch_size, config.seed)
             mine = shard(idx, rank, world)
             opt.zero_grad(set_to_none=True)
@@ -107,7 +128,13 @@ def train_adapter_data_parallel(
             sum_gradients(params, accelerator)
             opt.step()
             sched.step()
+            step += 1
             losses.append(round(accelerator.reduce(loss.detach(), reduction="sum").item(), 5))
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                if accelerator.is_main_process:
+                    elapsed = time.perf_counter() - start
+                    save_checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp)
+                accelerator.wait_for_everyone()
         model.eval()
         seconds = time.perf_counter() - start
         if accelerator.is_main_process:
@@ -118,11 +145,12 @@ def train_adapter_data_parallel(
                     {"world_size": world, "steps": config.steps, "losses": losses,
                      "train_time_s": round(seconds, 2), "n_train": len(data.encoded)},
                 )  # fmt: skip
+            ckpt.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
     finally:
         model.unload()
         base.model.eval().requires_grad_(False)
-    return TrainResult(out_dir, config.steps, seconds, losses)
+    return TrainResult(out_dir, step, seconds, losses)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -143,6 +171,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--top-layers", type=int, default=6)
     p.add_argument("--target-modules", help="Comma-separated (default: all projections).")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="Steps between checkpoints.")
     p.add_argument("--cache", help="Lower-layer state cache (default $LORAFUSE_CACHE/states).")
     p.add_argument("--device", default=None, help="auto (CUDA when present), cpu or cuda.")
     return p.parse_args(argv)
@@ -163,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             rank=args.rank, alpha=args.alpha, top_layers=args.top_layers, seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
             **extra,
         )  # fmt: skip
         base = load_base_model(args.base_model, device=accelerator.device)

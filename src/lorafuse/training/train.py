@@ -78,7 +78,12 @@ class TrainResult:
     losses: list[float]
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def checkpoint_path(out_dir: Path) -> Path:
+    """Where a run that writes ``out_dir`` keeps its checkpoint (next to it, hidden)."""
+    return out_dir.parent / f".{out_dir.name}.ckpt.pt"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return (step + 1) / (config.warmup + 1)
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -141,10 +146,10 @@ def _train_loop(
 ) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
-    ckpt = out_dir.parent / f".{out_dir.name}.ckpt.pt"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
+    ckpt = checkpoint_path(out_dir)
     step, losses, elapsed = 0, [], 0.0
-    state = _resumable(ckpt, model, stamp, desc)
+    state = resume_state(ckpt, model, stamp, desc)
     if state is not None:
         model.load_state_dict(state["lora"], strict=False)  # keys checked equal above
         opt.load_state_dict(state["opt"])
@@ -171,7 +176,7 @@ def _train_loop(
         bar.update(1)
         if step % config.checkpoint_every == 0 and step < config.steps:
             elapsed = time.perf_counter() - start
-            _checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp)
+            save_checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp)
     bar.close()
     model.eval()
     train_time = time.perf_counter() - start
@@ -205,7 +210,7 @@ def run_stamp(
     )
 
 
-def _resumable(ckpt: Path, model: PeftModel, stamp: Stamp | None, desc: str) -> dict | None:
+def resume_state(ckpt: Path, model: PeftModel, stamp: Stamp | None, desc: str) -> dict | None:
     """The checkpoint's state if it belongs to this run; else delete it and say so."""
     if not ckpt.is_file():
         return None
@@ -229,7 +234,7 @@ def _resumable(ckpt: Path, model: PeftModel, stamp: Stamp | None, desc: str) -> 
     return None
 
 
-def _checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp) -> None:
+def save_checkpoint(ckpt, model, opt, sched, step, losses, elapsed, stamp) -> None:
     lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     with atomic_path(ckpt) as tmp:
         torch.save(
