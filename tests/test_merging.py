@@ -1,26 +1,20 @@
-"""lorafuse.merging: merge-method math (known answers), SVD compression, the registry, the
-driver, and equivalence with PEFT's ``add_weighted_adapter``."""
+"""lorafuse.merging: merge-method math (known answers) and the registry; the SVD
+re-compression and the driver have their own files (test_merge_svd.py, test_merge_driver.py)."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import merge_utils
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import LoraAdapter, LoraFactors, save_adapter
+from lorafuse.library import LoraFactors
 from lorafuse.merging import (
     MERGE_METHODS,
     MergeMethod,
-    compress_dense,
-    compress_factors,
     dense_methods,
-    factor_svd,
     get_method,
     merge,
     register,
@@ -33,11 +27,7 @@ from lorafuse.merging.dense_methods import (
 )
 from lorafuse.merging.factor_methods import lowrank_average
 from lorafuse.merging.merge import DeltaBuffer, stack_deltas
-from lorafuse.merging.registry import DenseParams, MergeParams
-from lorafuse.merging.svd import gram_svd
-
-INPUT_IDS = torch.tensor([[3, 17, 9, 88, 41, 5, 120, 64], [7, 7, 2, 99, 31, 11, 4, 60]])
-TARGETS = ["q_proj", "v_proj"]  # q_proj is 32 x 32, v_proj 16 x 32 in the tiny Llama
+from lorafuse.merging.registry import MergeParams
 
 
 def dense(method: str, deltas: list[torch.Tensor], weights: list[float], **kw: Any):
@@ -297,103 +287,6 @@ def test_lowrank_average_needs_equal_ranks() -> None:
         lowrank_average([random_factors(2, 1.0, 0), random_factors(3, 1.0, 1)], [0.5, 0.5])
 
 
-# ------------------------------------------------------------------------------- SVD
-def test_factor_svd_equals_dense_svd() -> None:
-    f = random_factors(5, 0.7, 3)
-    delta = f.delta()
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    fu, fs, fvh = factor_svd(f)
-    torch.testing.assert_close(fs, s[:5], atol=1e-10, rtol=1e-10)
-    assert torch.all(s[5:] < 1e-10)  # the rest are zero
-    torch.testing.assert_close(fu.T @ fu, torch.eye(5, dtype=torch.float64))
-    for r in (1, 3):
-        want = (u[:, :r] * s[:r]) @ vh[:r]
-        got = compress_factors(f, r)
-        assert got.rank == r and got.scaling == 1.0
-        torch.testing.assert_close(got.delta(), want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(compress_dense(delta, r).delta(), want, atol=1e-5, rtol=0)
-    # full rank (and beyond) reproduces the delta exactly; rank is capped at r
-    torch.testing.assert_close(compress_factors(f, 5).delta(), delta, atol=1e-10, rtol=0)
-    assert compress_factors(f, 50).rank == 5
-    torch.testing.assert_close(compress_dense(delta, 50).delta(), delta, atol=1e-10, rtol=0)
-
-
-def test_factor_svd_rank_above_dims() -> None:
-    f = random_factors(15, 1.5, 4, d_out=6, d_in=8)  # r > d_out, d_in
-    got = compress_factors(f, 15)
-    assert got.rank == 6
-    torch.testing.assert_close(got.delta(), f.delta(), atol=1e-10, rtol=0)
-
-
-def test_compress_dense_randomized_is_seeded_and_leaves_global_rng() -> None:
-    delta = random_factors(4, 1.0, 5, d_out=40, d_in=30).delta().float()
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    a = compress_dense(delta, 4, svd="randomized", seed=1)
-    assert torch.equal(before, torch.get_rng_state())
-    b = compress_dense(delta, 4, svd="randomized", seed=1)
-    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
-    torch.testing.assert_close(a.delta(), delta, atol=1e-4, rtol=0)  # exact rank 4: recovered
-    full = compress_dense(delta, 2)
-    approx = compress_dense(delta, 2, svd="randomized", niter=4, seed=2)
-    torch.testing.assert_close(approx.delta(), full.delta(), atol=1e-3, rtol=0)
-
-
-def spectrum_test_matrix(d_out: int, d_in: int, seed: int, dtype=torch.float32):
-    """A low-rank part plus full-rank noise (like a TIES merge), close singular values."""
-    gen = torch.Generator().manual_seed(seed)
-    low = torch.randn(d_out, 12, generator=gen) @ torch.randn(12, d_in, generator=gen)
-    return (low + 0.5 * torch.randn(d_out, d_in, generator=gen)).to(dtype)
-
-
-@pytest.mark.parametrize(("d_out", "d_in"), [(90, 40), (40, 90), (64, 64)])
-def test_gram_svd_equals_full_svd_truncation(d_out: int, d_in: int) -> None:
-    """Top singular values equal the full SVD's; the rank-r product is the full SVD's
-    truncation, with the same reconstruction error to 1e-6 relative (float32 input)."""
-    m = spectrum_test_matrix(d_out, d_in, 7)
-    u_f, s_f, vh_f = torch.linalg.svd(m.double(), full_matrices=False)
-    for r in (1, 5, 16, min(d_out, d_in) - 1):
-        u, s, vh = gram_svd(m, r)
-        assert u.shape == (d_out, r) and s.shape == (r,) and vh.shape == (r, d_in)
-        torch.testing.assert_close(s, s_f[:r], rtol=1e-10, atol=0)
-        torch.testing.assert_close(u.T @ u, torch.eye(r, dtype=torch.float64))
-        torch.testing.assert_close(vh @ vh.T, torch.eye(r, dtype=torch.float64))
-        want = (u_f[:, :r] * s_f[:r]) @ vh_f[:r]
-        torch.testing.assert_close((u * s) @ vh, want, rtol=0, atol=1e-9)
-        err_full = float(torch.linalg.matrix_norm(m.double() - want))
-        if r > 16:  # the error is then at the level of the float32 factors' rounding
-            continue
-        for svd in ("gram", "full"):
-            approx = compress_dense(m, r, svd=svd).delta().double()
-            err = float(torch.linalg.matrix_norm(m.double() - approx))
-            assert abs(err - err_full) <= 1e-6 * err_full, (svd, r)
-
-
-def test_gram_svd_rank_deficient_and_full_rank() -> None:
-    f = random_factors(5, 0.7, 8, d_out=30, d_in=20)  # float64, rank 5
-    delta = f.delta()
-    for r in (5, 20, 50):  # at and beyond the rank: the product is the delta
-        torch.testing.assert_close(compress_dense(delta, r).delta(), delta, atol=1e-10, rtol=0)
-        torch.testing.assert_close(
-            compress_dense(delta.T.contiguous(), r).delta(), delta.T, atol=1e-10, rtol=0
-        )
-    assert compress_dense(delta, 50).rank == 20
-    with pytest.raises(ValueError, match="unknown svd 'nope'"):
-        compress_dense(delta, 2, svd="nope")  # type: ignore[arg-type]
-
-
-def test_gram_is_the_default_and_matches_full_through_the_driver(
-    adapters: list[LoraAdapter],
-) -> None:
-    assert DenseParams().svd == "gram"
-    gram = merge(adapters, "ties", density=0.5, rank=3, progress=False)
-    full = merge(adapters, "ties", density=0.5, rank=3, svd="full", progress=False)
-    rand = merge(adapters, "ties", density=0.5, rank=3, svd="randomized", progress=False)
-    for module, f in gram.items():
-        torch.testing.assert_close(f.delta(), full[module].delta(), atol=1e-5, rtol=0)
-        assert rand[module].rank == 3
-
-
 # ------------------------------------------------------------------------------ registry
 def test_registry_table() -> None:
     assert {n: m.space for n, m in MERGE_METHODS.items()} == {
@@ -454,146 +347,3 @@ def test_unknown_parameter_lists_known() -> None:
         "unknown parameter 'density' for method 'task_arithmetic' "
         "(known: energy, max_rank, rank, scale)"
     )
-
-
-# ------------------------------------------------------------------- adapters and driver
-def make_adapter(base: torch.nn.Module, path: Path, seed: int, r: int, alpha: float) -> Path:
-    torch.manual_seed(seed)
-    config = LoraConfig(init_lora_weights=False, r=r, lora_alpha=alpha, target_modules=TARGETS)
-    get_peft_model(copy.deepcopy(base), config).save_pretrained(path)
-    return path
-
-
-SPECS = [(1, 4, 8.0), (2, 4, 4.0), (3, 2, 7.0)]  # (seed, rank, alpha): two of equal rank
-
-
-@pytest.fixture
-def adapter_paths(tiny_llama: torch.nn.Module, tmp_path: Path) -> list[Path]:
-    return [make_adapter(tiny_llama, tmp_path / f"e{s}", s, r, a) for s, r, a in SPECS]
-
-
-@pytest.fixture
-def adapters(adapter_paths: list[Path]) -> list[LoraAdapter]:
-    return [LoraAdapter.open(p) for p in adapter_paths]
-
-
-def test_linear_and_task_arithmetic_are_weighted_sums(adapters: list[LoraAdapter]) -> None:
-    w = [0.5, -0.25, 1.5]
-    lin = merge(adapters, "linear", w, progress=False)
-    ta = merge(adapters, "task_arithmetic", scale=0.3, progress=False)  # weights default 1
-    mean = merge(adapters, "linear", progress=False)  # weights default 1/K
-    for module in adapters[0].module_names:
-        deltas = [a.delta(module) for a in adapters]
-        assert lin[module].rank == 10  # exact: sum of ranks
-        want = sum(wk * d for wk, d in zip(w, deltas, strict=True))
-        torch.testing.assert_close(lin[module].delta(), want)
-        torch.testing.assert_close(ta[module].delta(), 0.3 * sum(deltas))
-        torch.testing.assert_close(mean[module].delta(), sum(deltas) / 3)
-    # with a rank: the best rank-3 approximation of the same sum
-    low = merge(adapters, "linear", w, rank=3, progress=False)
-    module = adapters[0].module_names[0]
-    want = compress_dense(lin[module].delta(), 3).delta()
-    assert low[module].rank == 3
-    torch.testing.assert_close(low[module].delta(), want, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
-def test_every_method_runs_through_the_driver(adapters: list[LoraAdapter], method: str) -> None:
-    """Output covers every module with the documented rank, deterministically."""
-    chosen = adapters[:2] if method == "lowrank_average" else adapters
-    params = {"density": 0.5} if "density" in MERGE_METHODS[method].params.model_fields else {}
-    a = merge(chosen, method, progress=False, **params)
-    b = merge(chosen, method, progress=False, **params)
-    assert list(a) == chosen[0].module_names
-    for module, f in a.items():
-        assert torch.equal(f.A, b[module].A) and torch.equal(f.B, b[module].B)
-        expected = {"linear": 10, "task_arithmetic": 10, "lowrank_average": 4}.get(method, 10)
-        assert f.rank == expected and f.scaling == 1.0
-        assert (f.d_out, f.d_in) == chosen[0].module_shape(module)
-    with pytest.raises(LorafuseError, match="got 1 weights for"):
-        merge(chosen, method, [1.0], progress=False, **params)
-
-
-def test_dare_driver_seeds_per_module(adapters: list[LoraAdapter]) -> None:
-    a = merge(adapters, "dare_linear", density=0.5, seed=1, rank=32, progress=False)
-    b = merge(adapters, "dare_linear", density=0.5, seed=2, rank=32, progress=False)
-    q0, q1 = (n for n in adapters[0].module_names if n.endswith("q_proj"))
-    assert not torch.allclose(a[q0].delta(), b[q0].delta())  # another seed, other masks
-    # rank 32 is full rank for q_proj (32 x 32): entries all experts dropped stay ~0, and the
-    # two layers' masks differ (seeded from the module name, not shared)
-    zeros0, zeros1 = (a[q].delta().abs() < 1e-5 for q in (q0, q1))
-    assert zeros0.any() and not torch.equal(zeros0, zeros1)
-
-
-# ------------------------------------------------------------------- equivalence with PEFT
-def peft_with_adapters(base: torch.nn.Module, paths: list[Path]) -> PeftModel:
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name="e0")
-    for i, p in enumerate(paths[1:], start=1):
-        model.load_adapter(str(p), adapter_name=f"e{i}")
-    return model
-
-
-@pytest.mark.filterwarnings("ignore:The density")
-@pytest.mark.parametrize(
-    ("combination", "method", "params", "svd_rank"),
-    [
-        ("svd", "linear", {}, 16),  # 16 >= sum of ranks: exact
-        ("svd", "linear", {}, 4),  # truncated: factor-space SVD vs PEFT's dense SVD
-        ("ties_svd", "ties", {"density": 0.5}, 16),
-        ("dare_linear_svd", "dare_linear", {"density": 1.0}, 16),
-        ("dare_ties_svd", "dare_ties", {"density": 1.0}, 16),
-        ("magnitude_prune_svd", "magnitude", {"density": 0.25}, 16),
-        ("linear", "lowrank_average", {"weighting": "sqrt"}, None),
-    ],
-)
-def test_equals_peft_add_weighted_adapter(
-    tiny_llama: torch.nn.Module,
-    adapter_paths: list[Path],
-    adapters: list[LoraAdapter],
-    combination: str,
-    method: str,
-    params: dict[str, Any],
-    svd_rank: int | None,
-) -> None:
-    """Our merged delta == PEFT's new adapter's delta, module by module.
-
-    svd_rank 16 is full rank for v_proj (16 x 32) and truncates q_proj (32 x 32) for the
-    elementwise methods, so truncation is compared too. PEFT's non-SVD "linear" needs equal
-    ranks: the first two adapters.
-    """
-    k = 2 if combination == "linear" else 3
-    weights = [0.7, -0.4, 1.2][:k]
-    model = peft_with_adapters(tiny_llama, adapter_paths[:k])
-    model.add_weighted_adapter(
-        [f"e{i}" for i in range(k)],
-        weights,
-        "m",
-        combination_type=combination,
-        svd_rank=svd_rank,
-        density=params.get("density"),
-    )
-    ours = merge(adapters[:k], method, weights, rank=svd_rank, progress=False, **params)
-    for module in adapters[0].module_names:
-        layer = model.get_submodule(f"base_model.model.{module}")
-        want = layer.get_delta_weight("m")
-        torch.testing.assert_close(ours[module].delta(), want, atol=1e-5, rtol=1e-5)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits
-
-
-def test_merged_adapter_loads_in_peft(
-    tiny_llama: torch.nn.Module, adapters: list[LoraAdapter], tmp_path: Path
-) -> None:
-    merged = merge(adapters, "ties", [1.0, 0.5, 2.0], density=0.4, rank=6, progress=False)
-    out = save_adapter(tmp_path / "merged", merged, base_model=adapters[0].base_model)
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(out)).eval()
-    by_hand = copy.deepcopy(tiny_llama)
-    with torch.no_grad():
-        for module, f in merged.items():
-            by_hand.get_submodule(module).weight += f.delta()
-    got = logits(peft_model)
-    torch.testing.assert_close(got, logits(by_hand), atol=1e-5, rtol=1e-5)
-    assert (got - logits(tiny_llama)).abs().max() > 1e-3
