@@ -31,7 +31,12 @@ PARAMS = {
     "arrow_top1": {},
     "learned_router": {"steps": 4, "lr": 0.1},
     "elrea": {},
+    "elrea_embedding": {"clustering": "embedding"},  # exported as method elrea
 }
+
+
+def method_of(case: str) -> str:
+    return "elrea" if case.startswith("elrea") else case
 
 
 @pytest.fixture
@@ -104,20 +109,23 @@ def reference_deltas(ws, method: str, fusion) -> dict[str, dict[str, torch.Tenso
     return {n: {m: s.delta(m) for m in s.module_names} for n, s in sources.items()}
 
 
-@pytest.mark.parametrize("method", list(PARAMS))
-def test_bundle_decides_as_the_in_process_method(ws, method, tmp_path) -> None:
+@pytest.mark.parametrize("case", list(PARAMS))
+def test_bundle_decides_as_the_in_process_method(ws, case, tmp_path) -> None:
+    method, params = method_of(case), PARAMS[case]
     if method == "elrea":
-        build_elrea(ws, elrea_dir(ws.library, "gradient"), ELREA)
+        clustering = params.get("clustering", "gradient")
+        config = ELREA.model_copy(update={"clustering": clustering})
+        build_elrea(ws, elrea_dir(ws.library, clustering), config)
     lines: list[str] = []
-    result = export_bundle(
-        ws, method, tmp_path / "bundle", params=PARAMS[method], report=lines.append
-    )
+    result = export_bundle(ws, method, tmp_path / "bundle", params=params, report=lines.append)
     assert result.truncation == {} and "no re-compression" in lines[0]
     spec = json.loads((tmp_path / "bundle" / "router.json").read_text())
     assert spec["kind"] == method and spec["rank"] in VLLM_RANKS
+    if method == "elrea":
+        assert spec["features"] == ("embedding" if "clustering" in params else "gradient")
 
     # the in-process method, built again with the same settings (deterministic)
-    fusion = build_fusion(ws, method, **PARAMS[method])
+    fusion = build_fusion(ws, method, **params)
     want = in_process_decisions(ws, method, fusion)
     router = load_router(tmp_path / "bundle", base=ws.base)
     test = ws.encoded("test")
