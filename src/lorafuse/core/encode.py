@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from lorafuse.tasks.example import Example
+
+class PromptAnswer(Protocol):
+    """What encoding reads of an example (a :class:`lorafuse.tasks.Example`)."""
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids
 
 
-def encode_examples(tokenizer, examples: Sequence[Example]) -> list[Encoded]:
+def encode_examples(tokenizer, examples: Sequence[PromptAnswer]) -> list[Encoded]:
     eot = end_of_turn_id(tokenizer)
     out = []
     for ex in examples:

@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lorafuse.core.factors import FactorSource, LoraFactors, module_factors, union_modules
 from lorafuse.core.sparse import TopK, sparse_mixture
-from lorafuse.library import LoraFactors, module_factors, union_modules
 
 Weights = torch.Tensor | TopK  # dense (..., K) mixing weights or the selected top-k
 
@@ -34,15 +34,6 @@ class Mixer(Protocol):
     ``module`` carries ``name``, ``layer``, ``A``, ``B``."""
 
     def weights(self, module: MixtureLinear, x: torch.Tensor) -> Weights: ...
-
-
-class FactorSource(Protocol):
-    """Anything with LoRA factors per module: a :class:`LoraAdapter` or a :class:`FactorSet`."""
-
-    @property
-    def module_names(self) -> list[str]: ...
-
-    def factors(self, module: str) -> LoraFactors: ...
 
 
 @dataclass

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+from lorafuse.core.factors import LoraFactors, module_factors, module_sort_key, union_modules
 from lorafuse.library.adapter import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     LoraAdapter,
 )
-from lorafuse.library.compat import (
-    check_compatible,
-    check_weights,
-    load_adapters,
-    module_factors,
-    union_modules,
-)
-from lorafuse.library.factors import LoraFactors, module_sort_key
+from lorafuse.library.compat import check_compatible, check_weights, load_adapters
 from lorafuse.library.manifest import (
     MANIFEST_NAME,
     ExpertEntry,

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
+from lorafuse.core.factors import LoraFactors, module_sort_key
 from lorafuse.errors import LorafuseError
 from lorafuse.library.adapter_config import (
     CONFIG_NAME,
@@ -30,7 +31,6 @@ from lorafuse.library.adapter_config import (
     pattern_value,
     read_config,
 )
-from lorafuse.library.factors import LoraFactors, module_sort_key
 from lorafuse.library.save import save_adapter
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 A library may be heterogeneous: adapters may adapt different modules (other target modules,
 other ``layers_to_transform``) with different ranks and scalings. Together they adapt the
-union of their modules (:func:`union_modules`); an adapter that does not touch a module has a
-zero delta there (:func:`module_factors` gives zero factors in its place). What must agree is
+union of their modules (:func:`~lorafuse.core.factors.union_modules`); an adapter that does
+not touch a module has a zero delta there (:func:`~lorafuse.core.factors.module_factors`
+gives zero factors in its place). What must agree is
 where a delta lands and its ``(d_out, d_in)`` shape. Errors name the offending adapter's
 directory.
 """
@@ -12,72 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.library.adapter import LoraAdapter
-from lorafuse.library.factors import LoraFactors, module_sort_key
 
 __all__ = [
-    "FactorSource",
     "check_compatible",
     "check_weights",
     "load_adapters",
-    "module_factors",
-    "union_modules",
 ]
-
-
-class FactorSource(Protocol):
-    """Anything with LoRA factors per module: a :class:`LoraAdapter`, a merge in memory."""
-
-    @property
-    def module_names(self) -> list[str]: ...
-
-    def factors(self, module: str) -> LoraFactors: ...
-
-
-def union_modules(sources: Sequence[FactorSource]) -> list[str]:
-    """Every module any source adapts, in model order."""
-    return sorted({m for s in sources for m in s.module_names}, key=module_sort_key)
-
-
-def module_factors(
-    sources: Sequence[FactorSource],
-    module: str,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-) -> list[LoraFactors]:
-    """Each source's factors of ``module``; zeros for a source that does not adapt it.
-
-    The zero factors have the largest rank among the sources that do (so a library of one
-    rank stays of one rank, e.g. for ``lowrank_average``), scaling 1, and the shape, dtype and
-    device of the first source that has the module. ``dtype``/``device`` convert all of them.
-    """
-    present = {id(s): s.factors(module) for s in sources if module in set(s.module_names)}
-    if not present:
-        raise ValueError(f"no source adapts {module!r}")
-    like = next(iter(present.values()))
-    rank = max(f.rank for f in present.values())
-    out = []
-    for s in sources:
-        f = present.get(id(s))
-        if f is None:
-            f = LoraFactors(
-                A=like.A.new_zeros(rank, like.d_in),
-                B=like.B.new_zeros(like.d_out, rank),
-                scaling=1.0,
-            )
-        if dtype is not None or device is not None:
-            f = LoraFactors(
-                A=f.A.to(device=device, dtype=dtype),
-                B=f.B.to(device=device, dtype=dtype),
-                scaling=f.scaling,
-            )
-        out.append(f)
-    return out
 
 
 def check_compatible(
