@@ -14,7 +14,7 @@ paths every node sees.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,11 +23,7 @@ from tqdm.auto import tqdm
 from lorafuse.core.encode import Encoded
 from lorafuse.core.states import StateCache
 from lorafuse.elrea.adam_state import AdamMoments
-from lorafuse.elrea.features import (
-    check_feature_settings,
-    prepare_features,
-    write_feature_chunks,
-)
+from lorafuse.elrea.features import FeatureJob, gradient_features, write_feature_chunks
 from lorafuse.models import BaseModel
 from lorafuse.training.distributed import (
     connect,
@@ -73,58 +69,47 @@ def gradient_features_ray(
     address: str = "auto",
     cpus_per_task: int = 1,
     gpus_per_task: float | None = None,
-    dim: int = 1024,
-    seed: int = 0,
-    target: str = "prompt",
-    batch_size: int = 16,
-    adam_state: Mapping[str, torch.Tensor] | None = None,
-    eps: float = 1e-8,
-    projection: str = "rademacher",
-    chunk_size: int = 64,
-    directory: str | Path | None = None,
-    progress: bool = True,
+    **settings,
 ) -> torch.Tensor:
-    """:func:`~lorafuse.elrea.features.gradient_features` with one Ray task per chunk."""
-    if not encoded:
-        check_feature_settings(target, projection, dim, batch_size, chunk_size)
-        return torch.zeros(0, dim)
-    plan, adapter, moments = prepare_features(
-        base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
-        batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
-        chunk_size=chunk_size, directory=directory, progress=progress,
-    )  # fmt: skip
-    todo = plan.todo
-    if not todo:
-        return plan.load()
+    """:func:`~lorafuse.elrea.features.gradient_features` (same ``settings``) with one Ray
+    task per missing chunk."""
+
+    def on_ray(job: FeatureJob) -> None:
+        write_on_ray(job, address, cpus_per_task, gpus_per_task)
+
+    return gradient_features(base, adapter_path, encoded, cache, writer=on_ray,
+                             **settings)  # fmt: skip
+
+
+def write_on_ray(
+    job: FeatureJob, address: str, cpus_per_task: int, gpus_per_task: float | None
+) -> None:
+    """Submit one task per chunk of ``job``; every chunk lands even when another fails."""
     ray = import_ray()
-    cache.get(encoded, desc="grad features: states")  # once, into the shared cache
+    job.cache.get(job.encoded, desc="grad features: states")  # once, into the shared cache
     connect(address)
     resources, device = submit_options(ray, cpus_per_task, gpus_per_task)
-    settings = dict(
-        dim=dim, seed=seed, target=target, projection=projection, eps=eps, batch_size=batch_size
-    )
-    cache_dir = str(cache.directory.resolve()) if cache.directory is not None else None
-    base_arg = shipped_base(ray, base)
-    v_ref = ray.put(moments)
+    cache_dir = str(job.cache.directory.resolve()) if job.cache.directory is not None else None
+    base_arg = shipped_base(ray, job.base)
+    v_ref = ray.put(job.moments)
     remote = ray.remote(run_chunk)
     running = {
-        remote.options(**resources, name=f"lorafuse:features-{c}").remote(
-            base_arg, str(Path(adapter.path).resolve()), [encoded[i] for i in plan.chunks[c]],
-            str(plan.files[c].resolve()), v_ref, cache.split, cache_dir, settings, device,
+        remote.options(**resources, name=f"lorafuse:features-{file.stem}").remote(
+            base_arg, str(job.adapter_path.resolve()), [job.encoded[i] for i in chunk],
+            str(file.resolve()), v_ref, job.cache.split, cache_dir, job.settings, device,
             cpus_per_task,
-        ): c
-        for c in todo
+        ): file.stem
+        for chunk, file in zip(job.chunks, job.files, strict=True)
     }  # fmt: skip
-    bar = tqdm(total=len(plan.chunks), initial=len(plan.chunks) - len(todo), disable=not progress)
+    bar = tqdm(total=len(running), disable=not job.progress)
     failures: list[tuple[str, BaseException]] = []
     while running:
         done, _ = ray.wait(list(running), num_returns=1)
-        c = running.pop(done[0])
+        name = running.pop(done[0])
         try:
             ray.get(done[0])
         except ray.exceptions.RayError as err:  # the other chunks still land
-            failures.append((str(c), err))
+            failures.append((name, err))
         bar.update(1)
     bar.close()
     raise_first(failures, "feature chunk")
-    return plan.load()

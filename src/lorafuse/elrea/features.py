@@ -40,7 +40,8 @@ interrupted part-way resumes at the first missing chunk.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -267,44 +268,29 @@ def check_feature_settings(
         raise ValueError("batch_size and chunk_size must be positive")
 
 
-def prepare_features(
-    base: BaseModel,
-    adapter_path: str | Path,
-    encoded: Sequence[Encoded],
-    cache: StateCache,
-    *,
-    dim: int,
-    seed: int,
-    target: str,
-    batch_size: int,
-    adam_state: AdamMoments | Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None,
-    eps: float,
-    projection: str,
-    chunk_size: int,
-    directory: str | Path | None,
-    progress: bool,
-):
-    """What a features call (serial or on Ray) starts from: its chunk plan, the opened
-    adapter, and, when chunks are missing, the run's settings written and the Adam moments
-    (the given ones, else the second moment estimated over ``encoded``)."""
-    check_feature_settings(target, projection, dim, batch_size, chunk_size)
-    adapter = _open_adapter(adapter_path, cache.split)
-    moments, v_hash = _adam_state(adam_state)
-    normalisation = "second_moment" if moments is None else moments.normalisation
-    plan = feature_plan(
-        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
-        projection=projection, eps=eps, v_hash=v_hash, normalisation=normalisation,
-        chunk_size=chunk_size, directory=directory,
+@dataclass(frozen=True)
+class FeatureJob:
+    """The chunks a features call still has to write, with everything needed to write them
+    (handed to a ``writer``: in this process, or one Ray task per chunk)."""
+
+    base: BaseModel
+    adapter_path: Path
+    encoded: Sequence[Encoded]
+    cache: StateCache
+    moments: AdamMoments
+    chunks: list[list[int]]
+    files: list[Path]
+    settings: dict  # dim, seed, target, projection, eps, batch_size
+    progress: bool
+
+
+def write_here(job: FeatureJob) -> None:
+    """Write a job's chunks in this process."""
+    states = job.cache.get(job.encoded, desc="grad features: states")
+    write_feature_chunks(
+        job.base, job.adapter_path, states, job.encoded, job.moments, job.chunks, job.files,
+        split=job.cache.split, progress=job.progress, **job.settings,
     )  # fmt: skip
-    if plan.todo:
-        if not (plan.run / "settings.json").is_file():
-            atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
-        if moments is None:
-            moments = AdamMoments(estimate_second_moment(
-                base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
-                directory=plan.run.parent, progress=progress,
-            ))  # fmt: skip
-    return plan, adapter, moments
 
 
 def gradient_features(
@@ -323,6 +309,7 @@ def gradient_features(
     chunk_size: int = 64,
     directory: str | Path | None = None,
     progress: bool = True,
+    writer: Callable[[FeatureJob], None] = write_here,
 ) -> torch.Tensor:
     """Unit-norm ELREA gradient features (N, dim) of ``encoded`` for the adapter at
     ``adapter_path`` (see the module docstring for the four steps).
@@ -332,22 +319,35 @@ def gradient_features(
     it ``v`` is estimated over ``encoded`` (:func:`estimate_second_moment`). Results are
     cached on disk per chunk of ``chunk_size`` examples; an interrupted call resumes.
     ``chunk_size`` examples' full gradients (``chunk_size * P`` floats) are held at once,
-    and the projection matrix is regenerated once per chunk.
+    and the projection matrix is regenerated once per chunk. ``writer`` writes the missing
+    chunks (default: here; :mod:`lorafuse.elrea.distributed` on Ray).
     """
+    check_feature_settings(target, projection, dim, batch_size, chunk_size)
     if not encoded:
-        check_feature_settings(target, projection, dim, batch_size, chunk_size)
         return torch.zeros(0, dim)
-    plan, adapter, moments = prepare_features(
-        base, adapter_path, encoded, cache, dim=dim, seed=seed, target=target,
-        batch_size=batch_size, adam_state=adam_state, eps=eps, projection=projection,
-        chunk_size=chunk_size, directory=directory, progress=progress,
+    adapter = _open_adapter(adapter_path, cache.split)
+    moments, v_hash = _adam_state(adam_state)
+    normalisation = "second_moment" if moments is None else moments.normalisation
+    plan = feature_plan(
+        base, adapter, encoded, cache.split, dim=dim, seed=seed, target=target,
+        projection=projection, eps=eps, v_hash=v_hash, normalisation=normalisation,
+        chunk_size=chunk_size, directory=directory,
     )  # fmt: skip
-    todo = plan.todo
-    if todo:
-        write_feature_chunks(
-            base, adapter.path, cache.get(encoded, desc="grad features: states"), encoded,
-            moments, [plan.chunks[c] for c in todo], [plan.files[c] for c in todo],
-            split=cache.split, dim=dim, seed=seed, target=target, projection=projection,
-            eps=eps, batch_size=batch_size, progress=progress,
+    if plan.todo:
+        if not (plan.run / "settings.json").is_file():
+            atomic_write_json(plan.run / "settings.json", {**plan.settings, "n": len(encoded)})
+        if moments is None:
+            moments = AdamMoments(estimate_second_moment(
+                base, adapter.path, encoded, cache, target=target, batch_size=batch_size,
+                directory=plan.run.parent, progress=progress,
+            ))  # fmt: skip
+        settings = dict(
+            dim=dim, seed=seed, target=target, projection=projection, eps=eps,
+            batch_size=batch_size,
         )  # fmt: skip
+        writer(FeatureJob(
+            base, Path(adapter.path), encoded, cache, moments,
+            [list(plan.chunks[c]) for c in plan.todo], [plan.files[c] for c in plan.todo],
+            settings, progress,
+        ))  # fmt: skip
     return plan.load()
