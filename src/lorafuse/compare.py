@@ -263,6 +263,24 @@ def fusions(
         table.info[row] = i["extra"]
 
 
+def new_table(ws: Workspace, skip: frozenset[str]) -> tuple[Table, frozenset[str]]:
+    """An empty results table, and the rows to skip: without task labels also the routers
+    that learn from them (Twin's), said in a note."""
+    table = Table()
+    if ws.untasked:
+        skip = skip | TASK_ROUTERS
+        table.notes.append(tasks_unknown("twin", ws.library, ws.untasked))
+    return table, skip
+
+
+def cache_states(ws: Workspace) -> float:
+    """Compute the test and validation states once, for every method; the seconds it took."""
+    t0 = time.perf_counter()
+    ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
+    ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
+    return time.perf_counter() - t0
+
+
 def run_compare(
     ws: Workspace,
     out: str | Path,
@@ -285,15 +303,8 @@ def run_compare(
     """
     started = time.perf_counter()
     out = Path(out)
-    timings: dict[str, float] = {}
-    table = Table()
-    if ws.untasked:  # Twin's router learns from task labels
-        skip = skip | TASK_ROUTERS
-        table.notes.append(tasks_unknown("twin", ws.library, ws.untasked))
-    t0 = time.perf_counter()
-    ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
-    ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
-    timings["state_cache_s"] = time.perf_counter() - t0
+    table, skip = new_table(ws, skip)
+    timings = {"state_cache_s": cache_states(ws)}
     static_rows = {**STATIC_MERGES, **(RECENT_MERGES if recent_merges else {})}
     steps = [
         ("references_s", lambda: references(ws, table)),

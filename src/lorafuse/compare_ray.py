@@ -34,11 +34,12 @@ from lorafuse.compare import (
     LEARNED,
     ROUTERS,
     SEED_ROWS,
-    TASK_ROUTERS,
     Table,
+    cache_states,
     ensembles,
     fusions,
     merges,
+    new_table,
     references,
     write_compare,
 )
@@ -60,7 +61,6 @@ from lorafuse.fingerprint import (
 )
 from lorafuse.io import atomic_write_json, read_json
 from lorafuse.library import open_library
-from lorafuse.library.manifest import tasks_unknown
 from lorafuse.methods import RECENT_MERGES, STATIC_MERGES
 from lorafuse.models import BaseModel
 from lorafuse.tasks.example import TaskSuite
@@ -271,10 +271,7 @@ def run_compare_ray(
     ray = import_ray()
     started = time.perf_counter()
     out = Path(out).resolve()
-    table = Table()
-    if ws.untasked:  # as run_compare: Twin's router learns from task labels
-        skip = skip | TASK_ROUTERS
-        table.notes.append(tasks_unknown("twin", ws.library, ws.untasked))
+    table, skip = new_table(ws, skip)
     units = plan_units(
         ws,
         distil=distil,
@@ -294,10 +291,7 @@ def run_compare_ray(
     todo = [u for u in units if u.name not in parts]
     timings: dict[str, float] = {}
     if todo:
-        t0 = time.perf_counter()
-        ws.cache.get(ws.encoded("test"), desc="test states (once, shared by all methods)")
-        ws.cache.get(ws.encoded("val"), desc="val states (for methods that learn)")
-        timings["state_cache_s"] = time.perf_counter() - t0
+        timings["state_cache_s"] = cache_states(ws)
         parts.update(submit_units(ray, ws, todo, out, seed, recent_merges, stamp, address,
                                   cpus_per_method, gpus_per_method))  # fmt: skip
     for unit in units:
