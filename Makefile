@@ -42,17 +42,22 @@ bench: install
 
 # The BIG-bench benchmark (README "BIG-bench at K = 48"): a 48-expert library (~1 h on two
 # CPU cores, resumable; kept in the cache, not committed), ELREA builds, the comparison,
-# expert selection and the merging-at-scale study, written to benchmarks/results/bigbench48.
+# the seed papers' remaining methods (on a local Ray cluster, two rows at a time), expert
+# selection and the merging-at-scale study, written to benchmarks/results/bigbench48.
 BIGBENCH_LIB ?= $(HOME)/.cache/lorafuse/libraries/bigbench48
 BIGBENCH_OUT := benchmarks/results/bigbench48
 BIGBENCH     := --library $(BIGBENCH_LIB) --tasks bigbench48 --seed 0
-bigbench: install
+SEED_ONLY    := $(foreach r,references lorahub regmean sens_merging sens_merging_ties \
+  sens_merging_dare dam lora_retriever emr emr_retriever mc_smoe,--only $(r))
+bigbench: install-test
 	$(BIN)/lorafuse train --tasks bigbench48 --out $(BIGBENCH_LIB) --seed 0 \
 	  --steps 32 --multitask-steps 240 --batch-size 8 --lr 5e-3 --top-layers 2
 	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8
 	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering random
 	$(BIN)/lorafuse elrea $(BIGBENCH) --n-clusters 8 --clustering embedding
 	$(BIN)/lorafuse compare $(BIGBENCH) --recent-merges --out $(BIGBENCH_OUT)
+	$(BIN)/lorafuse compare $(BIGBENCH) --seed-methods --ray local $(SEED_ONLY) \
+	  --out $(BIGBENCH_OUT)/seed_methods
 	$(BIN)/lorafuse select $(BIGBENCH) --how arrow --per-task 2 --max-kept 6 \
 	  --out $(BIGBENCH_OUT)/select
 	$(BIN)/lorafuse scale-study $(BIGBENCH) --held-out 8 --per-task 8 --out $(BIGBENCH_OUT)/scale
