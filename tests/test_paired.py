@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from lorafuse.eval.harness import ExampleScores
 from lorafuse.eval.paired import (
     NOT_DISTINGUISHABLE,
+    common_item_means,
     compare_pairs,
+    compare_pairs_on_items,
     holm,
     paired_table,
     paired_test,
@@ -99,3 +102,24 @@ def test_compare_pairs_verdicts_and_report_rows() -> None:
     assert y["verdict"] == NOT_DISTINGUISHABLE and y["holm_p"] > 0.05
     table = paired_table(tests)
     assert table.count("\n") == 3 and "good lower" in table and NOT_DISTINGUISHABLE in table
+
+
+def test_a_budgeted_row_is_paired_on_its_own_items() -> None:
+    """A row scored on the first 2 items of each task is compared with the other row's
+    mean over those same items, not over all of them."""
+    tasks = [t for t in ("u", "v", "w", "x", "y", "z") for _ in range(4)]
+    full = np.array([1.0, 1.0, 9.0, 9.0] * 6)  # its first two items of each task are easy
+    budget = np.full(len(tasks), np.nan)
+    budget[[i for i in range(len(tasks)) if i % 4 < 2]] = 2.0
+    rows = {
+        "full": ExampleScores(full, np.zeros(len(tasks), dtype=bool)),
+        "budget": ExampleScores(budget, np.zeros(len(tasks), dtype=bool)),
+    }
+    la, lb, n = common_item_means(rows["budget"], rows["full"], tasks)
+    assert la == [2.0] * 6 and lb == [1.0] * 6 and n == 12
+    (test,) = compare_pairs_on_items(rows, tasks, [("c", "budget", "full")])
+    # on the same items the budgeted row is worse (+1 per task); over all of the other
+    # row's items (mean 5) it would have looked better
+    assert test["mean_diff"] == pytest.approx(1.0) and test["items"] == 12
+    assert test["n"] == 6 and test["verdict"] == "full lower"
+    assert "| items |" in paired_table([test])

@@ -8,6 +8,10 @@ Two tests from scipy on the differences ``d_t = loss_A(t) - loss_B(t)``:
   no assumption on the shape of the differences, the verdict's test;
 * paired t-test (``ttest_rel``): assumes roughly normal differences, reported alongside.
 
+A row scored on an item budget (NaN elsewhere) is compared with the other row on the same
+items (:func:`compare_pairs_on_items`): per-task means over different items would mix the
+methods' difference with the items' difficulty.
+
 Each comparison is its own claim (from its own paper), so the verdict is per comparison at
 ``alpha``; Holm's step-down adjustment of the Wilcoxon p-values over the comparisons made
 (family-wise error) is reported alongside, for the claims that must hold together. With n
@@ -21,6 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
+
+from lorafuse.eval.harness import ExampleScores
 
 ALPHA = 0.05
 NOT_DISTINGUISHABLE = "not distinguishable at this size"
@@ -77,19 +83,58 @@ def compare_pairs(
     *,
     alpha: float = ALPHA,
 ) -> list[dict]:
-    """Paired tests of each ``(claim, a, b)`` whose rows both exist, on their common tasks.
+    """Paired tests of each ``(claim, a, b)`` whose rows both exist, on their common tasks
+    (``losses``: row -> task -> mean loss, each row scored on the same items).
 
     Each result names the claim and rows, holds :func:`paired_test`'s numbers plus
     ``holm_p`` (over the comparisons made) and ``verdict``: ``"<row> lower"`` (the row with
     the lower mean loss, where the Wilcoxon p < ``alpha``) or :data:`NOT_DISTINGUISHABLE`.
     """
-    made = []
+    samples = []
     for claim, a, b in pairs:
-        if a not in losses or b not in losses:
-            continue
-        tasks = [t for t in losses[a] if t in losses[b]]
-        test = paired_test([losses[a][t] for t in tasks], [losses[b][t] for t in tasks])
-        made.append({"claim": claim, "a": a, "b": b, **test})
+        if a in losses and b in losses:
+            tasks = [t for t in losses[a] if t in losses[b]]
+            la, lb = [losses[a][t] for t in tasks], [losses[b][t] for t in tasks]
+            samples.append(({"claim": claim, "a": a, "b": b}, la, lb))
+    return _verdicts(samples, alpha)
+
+
+def common_item_means(
+    a: ExampleScores, b: ExampleScores, item_tasks: Sequence[str]
+) -> tuple[list[float], list[float], int]:
+    """Per-task mean losses of two rows over the items both scored (NaN = not scored: a row
+    on an item budget), for the tasks where they share any; and how many items that is."""
+    both = ~np.isnan(a.loss) & ~np.isnan(b.loss)
+    task_of = np.asarray(item_tasks)
+    la, lb = [], []
+    for task in dict.fromkeys(item_tasks):
+        mask = both & (task_of == task)
+        if mask.any():
+            la.append(float(a.loss[mask].mean()))
+            lb.append(float(b.loss[mask].mean()))
+    return la, lb, int(both.sum())
+
+
+def compare_pairs_on_items(
+    scores: Mapping[str, ExampleScores],
+    item_tasks: Sequence[str],
+    pairs: Sequence[tuple[str, str, str]],
+    *,
+    alpha: float = ALPHA,
+) -> list[dict]:
+    """:func:`compare_pairs` from per-item scores: each pair is compared on the items both
+    rows scored (a row on an item budget against the other row on those same items), and
+    each result records that number as ``items``."""
+    samples = []
+    for claim, a, b in pairs:
+        if a in scores and b in scores:
+            la, lb, n = common_item_means(scores[a], scores[b], item_tasks)
+            samples.append(({"claim": claim, "a": a, "b": b, "items": n}, la, lb))
+    return _verdicts(samples, alpha)
+
+
+def _verdicts(samples: Sequence[tuple[dict, list[float], list[float]]], alpha: float) -> list[dict]:
+    made = [{**head, **paired_test(la, lb)} for head, la, lb in samples]
     for entry, adjusted in zip(made, holm([e["wilcoxon_p"] for e in made]), strict=True):
         entry["holm_p"] = adjusted
         p = entry["wilcoxon_p"]
@@ -106,12 +151,15 @@ def _p(p: float | None) -> str:
 
 def paired_table(tests: Sequence[dict]) -> str:
     """The tests as a Markdown table (loss differences are a - b; lower is better)."""
-    head = ["comparison", "a", "b", "tasks", "mean loss a - b", "Wilcoxon p", "t-test p"]
-    head += ["Holm p", "verdict"]
+    items = any("items" in t for t in tests)
+    head = ["comparison", "a", "b", "tasks", *(["items"] if items else [])]
+    head += ["mean loss a - b", "Wilcoxon p", "t-test p", "Holm p", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in tests:
         diff = "-" if t["mean_diff"] is None else f"{t['mean_diff']:+.4f}"
-        cells = [t["claim"], t["a"], t["b"], str(t["n"]), diff]
+        cells = [t["claim"], t["a"], t["b"], str(t["n"])]
+        cells += [str(t.get("items", "-"))] if items else []
+        cells += [diff]
         cells += [_p(t["wilcoxon_p"]), _p(t["ttest_p"]), _p(t["holm_p"]), t["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -120,7 +168,9 @@ def paired_table(tests: Sequence[dict]) -> str:
 __all__ = [
     "ALPHA",
     "NOT_DISTINGUISHABLE",
+    "common_item_means",
     "compare_pairs",
+    "compare_pairs_on_items",
     "holm",
     "paired_table",
     "paired_test",
