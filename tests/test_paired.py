@@ -123,3 +123,18 @@ def test_a_budgeted_row_is_paired_on_its_own_items() -> None:
     assert test["mean_diff"] == pytest.approx(1.0) and test["items"] == 12
     assert test["n"] == 6 and test["verdict"] == "full lower"
     assert "| items |" in paired_table([test])
+
+
+def test_a_budgeted_row_is_normalised_on_its_own_items() -> None:
+    """norm = accuracy / the reference's accuracy on the same items (the reference gets the
+    first two items of the task right and the last two wrong)."""
+    from lorafuse.eval.run import summaries_of
+    from lorafuse.tasks import Example
+
+    examples = [Example("t", f"p{i}", "a") for i in range(4)]
+    reference = ExampleScores(np.zeros(4), np.array([True, True, False, False]))
+    budget = ExampleScores(np.array([0.0, 0.0, np.nan, np.nan]), np.array([True, False, 0, 0]))
+    full = ExampleScores(np.zeros(4), np.array([True, False, False, False]))
+    out = summaries_of(examples, {"budget": budget, "full": full}, reference=reference)
+    assert out["budget"]["tasks"]["t"]["normalized"] == pytest.approx(0.5 / 1.0)
+    assert out["full"]["tasks"]["t"]["normalized"] == pytest.approx(0.25 / 0.5)

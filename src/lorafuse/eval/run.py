@@ -204,10 +204,16 @@ def summaries_of(
     rows: Mapping[str, ExampleScores],
     reference: ExampleScores | None = None,
 ) -> dict[str, dict]:
-    """``summarize`` every row (normalised by the reference row's per-task accuracy)."""
+    """``summarize`` every row, normalised by the reference row's per-task accuracy on the
+    items that row scored (a row on an item budget against the reference on those items)."""
     from lorafuse.eval.harness import summarize
 
-    ref_acc = (
-        {t: s.accuracy for t, s in per_task(examples, reference).items()} if reference else None
-    )
-    return {name: summarize(per_task(examples, s), ref_acc) for name, s in rows.items()}
+    out = {}
+    for name, s in rows.items():
+        ref_acc = None
+        if reference is not None:
+            same = ExampleScores(np.where(np.isnan(s.loss), np.nan, reference.loss),
+                                 reference.correct)  # fmt: skip
+            ref_acc = {t: r.accuracy for t, r in per_task(examples, same).items()}
+        out[name] = summarize(per_task(examples, s), ref_acc)
+    return out
