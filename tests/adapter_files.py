@@ -1,4 +1,5 @@
-"""Shared by the adapter-reading tests: random PEFT adapters on disk and edits to them."""
+"""Shared by the adapter and merge tests: random PEFT adapters on disk, edits to them,
+random LoRA factors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from lorafuse.core.factors import LoraFactors
 from lorafuse.errors import LorafuseError
 
 
@@ -49,3 +51,13 @@ def expect_error(path: Path, keyword: str, fn: Any, *args: Any, **kwargs: Any) -
     assert keyword.lower() in message.lower(), message
     assert "\n" not in message
     return info.value
+
+
+def random_factors(rank: int, scaling: float, seed: int, d_out: int = 12, d_in: int = 10):
+    """Seeded float64 LoRA factors of one module (tests of the merge math)."""
+    gen = torch.Generator().manual_seed(seed)
+    return LoraFactors(
+        A=torch.randn(rank, d_in, generator=gen, dtype=torch.float64),
+        B=torch.randn(d_out, rank, generator=gen, dtype=torch.float64),
+        scaling=scaling,
+    )

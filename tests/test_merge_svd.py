@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_files import random_factors
 
-from lorafuse.library import LoraFactors
 from lorafuse.merging import (
     compress_dense,
     compress_factors,
     factor_svd,
 )
 from lorafuse.merging.svd import gram_svd
-
-
-def random_factors(rank: int, scaling: float, seed: int, d_out: int = 12, d_in: int = 10):
-    gen = torch.Generator().manual_seed(seed)
-    return LoraFactors(
-        A=torch.randn(rank, d_in, generator=gen, dtype=torch.float64),
-        B=torch.randn(d_out, rank, generator=gen, dtype=torch.float64),
-        scaling=scaling,
-    )
 
 
 # ------------------------------------------------------------------------------- SVD

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from adapter_files import random_factors
 from peft.utils import merge_utils
 
 from lorafuse.errors import LorafuseError
@@ -33,15 +34,6 @@ from lorafuse.merging.registry import MergeParams
 def dense(method: str, deltas: list[torch.Tensor], weights: list[float], **kw: Any):
     """Run a registered dense method's function directly (its settings + ``kw``)."""
     return get_method(method).fn(deltas, weights, **kw)
-
-
-def random_factors(rank: int, scaling: float, seed: int, d_out: int = 12, d_in: int = 10):
-    gen = torch.Generator().manual_seed(seed)
-    return LoraFactors(
-        A=torch.randn(rank, d_in, generator=gen, dtype=torch.float64),
-        B=torch.randn(d_out, rank, generator=gen, dtype=torch.float64),
-        scaling=scaling,
-    )
 
 
 # --------------------------------------------------------------------- dense: known answers
