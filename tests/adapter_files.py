@@ -13,8 +13,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from lorafuse.core.factors import LoraFactors
 from lorafuse.errors import LorafuseError
+from lorafuse.factors import LoraFactors
 
 
 def make_adapter(

@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lorafuse.core.factors import FactorSource, LoraFactors, module_factors, union_modules
 from lorafuse.core.sparse import TopK, sparse_mixture
+from lorafuse.factors import FactorSource, LoraFactors, module_factors, union_modules
 
 Weights = torch.Tensor | TopK  # dense (..., K) mixing weights or the selected top-k
 

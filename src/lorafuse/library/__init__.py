@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafuse.core.factors import LoraFactors, module_factors, module_sort_key, union_modules
+from lorafuse.factors import LoraFactors, module_factors, module_sort_key, union_modules
 from lorafuse.library.adapter import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,

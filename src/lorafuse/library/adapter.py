@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
-from lorafuse.core.factors import LoraFactors, module_sort_key
 from lorafuse.errors import LorafuseError
+from lorafuse.factors import LoraFactors, module_sort_key
 from lorafuse.library.adapter_config import (
     CONFIG_NAME,
     PEFT_PREFIX,

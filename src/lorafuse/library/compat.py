@@ -2,8 +2,8 @@
 
 A library may be heterogeneous: adapters may adapt different modules (other target modules,
 other ``layers_to_transform``) with different ranks and scalings. Together they adapt the
-union of their modules (:func:`~lorafuse.core.factors.union_modules`); an adapter that does
-not touch a module has a zero delta there (:func:`~lorafuse.core.factors.module_factors`
+union of their modules (:func:`~lorafuse.factors.union_modules`); an adapter that does
+not touch a module has a zero delta there (:func:`~lorafuse.factors.module_factors`
 gives zero factors in its place). What must agree is
 where a delta lands and its ``(d_out, d_in)`` shape. Errors name the offending adapter's
 directory.

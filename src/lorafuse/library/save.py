@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lorafuse.core.factors import LoraFactors, module_sort_key
+from lorafuse.factors import LoraFactors, module_sort_key
 from lorafuse.io import atomic_dir
 from lorafuse.library.adapter_config import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, pattern_value
 
