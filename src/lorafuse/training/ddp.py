@@ -51,11 +51,10 @@ from lorafuse.training.train import (
     TrainResult,
     checkpoint_path,
     lora_config,
-    lr_factor,
-    resume_state,
     run_stamp,
     save_checkpoint,
     split_layer,
+    start_run,
 )
 
 REPORT_NAME = "data_parallel.json"
@@ -98,17 +97,10 @@ def train_adapter_data_parallel(
     model = get_peft_model(base.model, lora_config(config, base))
     model.peft_config[model.active_adapter].base_model_name_or_path = base.name
     try:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
-        step, losses, elapsed = 0, [], 0.0
         with accelerator.main_process_first():  # process 0 alone drops a stale checkpoint
-            state = resume_state(ckpt, model, stamp, "data-parallel training")
-        if state is not None:
-            model.load_state_dict(state["lora"], strict=False)  # keys checked equal
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+            run = start_run(model, config, ckpt, stamp, "data-parallel training")
+        params, opt, sched = run.params, run.opt, run.sched
+        step, losses, elapsed = run.step, run.losses, run.elapsed
         device = next(model.parameters()).device
         pad = base.tokenizer.pad_token_id
         model.train()

@@ -131,6 +131,35 @@ def train_adapter(
         base.model.eval().requires_grad_(False)  # eval also after an interrupted run
 
 
+@dataclass
+class Run:
+    """A training run's optimizer and schedule, and where it stands (0, or a checkpoint's)."""
+
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    step: int
+    losses: list[float]
+    elapsed: float
+
+
+def start_run(
+    model: PeftModel, config: TrainConfig, ckpt: Path, stamp: Stamp | None, desc: str
+) -> Run:
+    """AdamW on the LoRA weights with lorafuse's schedule, resumed from ``ckpt`` when it
+    belongs to this run (else from step 0; a stale checkpoint is dropped, saying so)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
+    state = resume_state(ckpt, model, stamp, desc)
+    if state is None:
+        return Run(params, opt, sched, 0, [], 0.0)
+    model.load_state_dict(state["lora"], strict=False)  # keys checked equal by resume_state
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return Run(params, opt, sched, state["step"], state["losses"], state["elapsed"])
+
+
 def _train_loop(
     model: PeftModel,
     base: BaseModel,
@@ -144,17 +173,9 @@ def _train_loop(
     loss_fn: ExampleLoss | None = None,
     stamp: Stamp | None = None,
 ) -> TrainResult:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
     ckpt = checkpoint_path(out_dir)
-    step, losses, elapsed = 0, [], 0.0
-    state = resume_state(ckpt, model, stamp, desc)
-    if state is not None:
-        model.load_state_dict(state["lora"], strict=False)  # keys checked equal above
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+    run = start_run(model, config, ckpt, stamp, desc)
+    opt, sched, step, losses, elapsed = run.opt, run.sched, run.step, run.losses, run.elapsed
     model.train()
     pad = base.tokenizer.pad_token_id
     bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress)
