@@ -15,11 +15,9 @@ from lorafuse.eval.paired import (
     NOT_DISTINGUISHABLE,
     common_item_means,
     compare_pairs,
-    compare_pairs_on_items,
     holm,
     paired_table,
     paired_test,
-    per_task_losses,
 )
 
 
@@ -82,18 +80,14 @@ def test_compare_pairs_verdicts_and_report_rows() -> None:
     tasks = [f"t{i}" for i in range(8)]
     rng = np.random.default_rng(0)
     base = rng.uniform(1, 2, len(tasks))
-    summaries = {
-        "good": {"tasks": {t: {"loss": base[i] - 0.5 - 0.01 * i} for i, t in enumerate(tasks)}},
-        "bad": {"tasks": {t: {"loss": v} for t, v in zip(tasks, base, strict=True)}},
-        "noise": {
-            "tasks": {
-                t: {"loss": v + s} for t, v, s in zip(tasks, base, [0.1, -0.1] * 4, strict=True)
-            }
-        },
+    losses = {  # one item per task
+        "good": base - 0.5 - 0.01 * np.arange(len(tasks)),
+        "bad": base,
+        "noise": base + np.array([0.1, -0.1] * 4),
     }
-    losses = per_task_losses(summaries)
+    scores = {row: ExampleScores(v, np.zeros(len(tasks), dtype=bool)) for row, v in losses.items()}
     pairs = [("x", "good", "bad"), ("y", "noise", "bad"), ("z", "good", "absent")]
-    tests = compare_pairs(losses, pairs)
+    tests = compare_pairs(scores, tasks, pairs)
     assert [t["claim"] for t in tests] == ["x", "y"]  # rows not run are left out
     x, y = tests
     assert x["wilcoxon_p"] == pytest.approx(2 / 2**8)
@@ -117,7 +111,7 @@ def test_a_budgeted_row_is_paired_on_its_own_items() -> None:
     }
     la, lb, n = common_item_means(rows["budget"], rows["full"], tasks)
     assert la == [2.0] * 6 and lb == [1.0] * 6 and n == 12
-    (test,) = compare_pairs_on_items(rows, tasks, [("c", "budget", "full")])
+    (test,) = compare_pairs(rows, tasks, [("c", "budget", "full")])
     # on the same items the budgeted row is worse (+1 per task); over all of the other
     # row's items (mean 5) it would have looked better
     assert test["mean_diff"] == pytest.approx(1.0) and test["items"] == 12

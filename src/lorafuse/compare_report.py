@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafuse.eval.harness import ExampleScores
-from lorafuse.eval.paired import ALPHA, compare_pairs_on_items, paired_table
+from lorafuse.eval.paired import ALPHA, compare_pairs, paired_table
 from lorafuse.eval.report import html_report, markdown_table, plot_methods, plot_task_heatmap
 from lorafuse.eval.run import ORACLE_ROW, summaries_of, versions
 from lorafuse.io import atomic_write_json, atomic_write_text
@@ -75,7 +75,7 @@ def write_compare(
         if row in table.info:
             s["info"] = table.info[row]
     md = markdown_table(summaries, table.costs, table.family)
-    tests = compare_pairs_on_items(table.scores, [ex.task for ex in examples], PAIRED)
+    tests = compare_pairs(table.scores, [ex.task for ex in examples], PAIRED)
     results = {
         "methods": summaries,
         "paired_tests": tests,

@@ -9,7 +9,7 @@ Two tests from scipy on the differences ``d_t = loss_A(t) - loss_B(t)``:
 * paired t-test (``ttest_rel``): assumes roughly normal differences, reported alongside.
 
 A row scored on an item budget (NaN elsewhere) is compared with the other row on the same
-items (:func:`compare_pairs_on_items`): per-task means over different items would mix the
+items (:func:`compare_pairs`): per-task means over different items would mix the
 methods' difference with the items' difficulty.
 
 Each comparison is its own claim (from its own paper), so the verdict is per comparison at
@@ -69,36 +69,6 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     return out
 
 
-def per_task_losses(summaries: Mapping[str, dict]) -> dict[str, dict[str, float]]:
-    """Row -> task -> mean loss, from ``results.json``'s ``methods`` summaries."""
-    return {
-        row: {task: s["loss"] for task, s in summary["tasks"].items()}
-        for row, summary in summaries.items()
-    }
-
-
-def compare_pairs(
-    losses: Mapping[str, Mapping[str, float]],
-    pairs: Sequence[tuple[str, str, str]],
-    *,
-    alpha: float = ALPHA,
-) -> list[dict]:
-    """Paired tests of each ``(claim, a, b)`` whose rows both exist, on their common tasks
-    (``losses``: row -> task -> mean loss, each row scored on the same items).
-
-    Each result names the claim and rows, holds :func:`paired_test`'s numbers plus
-    ``holm_p`` (over the comparisons made) and ``verdict``: ``"<row> lower"`` (the row with
-    the lower mean loss, where the Wilcoxon p < ``alpha``) or :data:`NOT_DISTINGUISHABLE`.
-    """
-    samples = []
-    for claim, a, b in pairs:
-        if a in losses and b in losses:
-            tasks = [t for t in losses[a] if t in losses[b]]
-            la, lb = [losses[a][t] for t in tasks], [losses[b][t] for t in tasks]
-            samples.append(({"claim": claim, "a": a, "b": b}, la, lb))
-    return _verdicts(samples, alpha)
-
-
 def common_item_means(
     a: ExampleScores, b: ExampleScores, item_tasks: Sequence[str]
 ) -> tuple[list[float], list[float], int]:
@@ -115,16 +85,22 @@ def common_item_means(
     return la, lb, int(both.sum())
 
 
-def compare_pairs_on_items(
+def compare_pairs(
     scores: Mapping[str, ExampleScores],
     item_tasks: Sequence[str],
     pairs: Sequence[tuple[str, str, str]],
     *,
     alpha: float = ALPHA,
 ) -> list[dict]:
-    """:func:`compare_pairs` from per-item scores: each pair is compared on the items both
-    rows scored (a row on an item budget against the other row on those same items), and
-    each result records that number as ``items``."""
+    """Paired tests of each ``(claim, a, b)`` whose rows both exist, from per-item scores
+    (``item_tasks``: each item's task): per-task mean losses over the items both rows scored
+    (a row on an item budget against the other row on those same items).
+
+    Each result names the claim and rows, holds :func:`paired_test`'s numbers, ``items``
+    (how many items were paired), ``holm_p`` (over the comparisons made) and ``verdict``:
+    ``"<row> lower"`` (the row with the lower mean loss, where the Wilcoxon p < ``alpha``)
+    or :data:`NOT_DISTINGUISHABLE`.
+    """
     samples = []
     for claim, a, b in pairs:
         if a in scores and b in scores:
@@ -170,9 +146,7 @@ __all__ = [
     "NOT_DISTINGUISHABLE",
     "common_item_means",
     "compare_pairs",
-    "compare_pairs_on_items",
     "holm",
     "paired_table",
     "paired_test",
-    "per_task_losses",
 ]
