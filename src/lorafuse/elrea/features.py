@@ -318,9 +318,10 @@ def gradient_features(
     (with ``exp_avg`` and ``step``: both moments are used), or :class:`AdamMoments`; without
     it ``v`` is estimated over ``encoded`` (:func:`estimate_second_moment`). Results are
     cached on disk per chunk of ``chunk_size`` examples; an interrupted call resumes.
-    ``chunk_size`` examples' full gradients (``chunk_size * P`` floats) are held at once,
-    and the projection matrix is regenerated once per chunk. ``writer`` writes the missing
-    chunks (default: here; :mod:`lorafuse.elrea.distributed` on Ray).
+    Chunks' full gradients (``chunk_size * P`` floats each) are held a group at a time,
+    within :data:`GROUP_BYTES`, and the projection matrix is generated once per group.
+    ``writer`` writes the missing chunks (default: here; :mod:`lorafuse.elrea.distributed`
+    on Ray).
     """
     check_feature_settings(target, projection, dim, batch_size, chunk_size)
     if not encoded:
