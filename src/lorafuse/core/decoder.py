@@ -15,6 +15,8 @@ forward from input embeddings (``inputs_embeds``): exact, but it runs every laye
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from lorafuse.errors import LorafuseError
 
 LAYER_NAMES = ("layers", "h", "blocks")
 NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 
 
 @dataclass
@@ -158,6 +161,44 @@ def split_layers(
         if isinstance(hidden, tuple):  # older layers return (hidden, ...)
             hidden = hidden[0]
     return hidden
+
+
+def layer_mlp(layer: nn.Module) -> nn.Module | None:
+    """The position-wise feed-forward block of a decoder layer (``mlp``, ...), if named so."""
+    return _first(layer, MLP_NAMES)
+
+
+@contextmanager
+def mlp_only_at(layer: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Run ``layer``'s MLP only at ``(rows, positions)`` of its (B, T, H) input (zero output
+    elsewhere), as forward hooks removed on exit.
+
+    In the last layer nothing mixes positions after the MLP, so the layer's output is exact
+    at those positions and the rest (where no logits are read) is skipped: about three
+    quarters of the layer's work at the positions that predict no target. Whether a model's
+    layers allow this is checked by the probe, not assumed.
+    """
+    mlp = layer_mlp(layer)
+    if mlp is None:
+        raise LorafuseError(f"{type(layer).__name__}: no MLP block found")
+    seen: dict[str, torch.Size] = {}
+
+    def pick(module: nn.Module, args: tuple) -> tuple:
+        seen["shape"] = args[0].shape
+        return (args[0][rows, positions][None], *args[1:])
+
+    def place(module: nn.Module, args: tuple, out):
+        first = out[0] if isinstance(out, tuple) else out
+        full = first.new_zeros(*seen["shape"][:2], first.shape[-1])
+        full = full.index_put((rows, positions), first[0])
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    handles = [mlp.register_forward_pre_hook(pick), mlp.register_forward_hook(place)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def split_embed(parts: DecoderParts, input_ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ embeddings, ``split`` is ignored, and every layer runs on every call.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ from lorafuse.core.decoder import (
     find_layers,
     head_logits,
     input_embeddings,
+    mlp_only_at,
     own_final_hidden,
     own_logits,
     split_embed,
@@ -101,12 +104,28 @@ def final_hidden(
     return decoder_parts(model).norm(run_layers(model, states, split))
 
 
-def target_logits(model: nn.Module, states: torch.Tensor, batch: Batch, split: int) -> torch.Tensor:
-    """Logits (N, V) at the positions predicting each target, from states at ``split``."""
-    if plan_of(model).path == FULL:
+def target_logits(
+    model: nn.Module,
+    states: torch.Tensor,
+    batch: Batch,
+    split: int,
+    *,
+    mlp_at_targets: bool = False,
+) -> torch.Tensor:
+    """Logits (N, V) at the positions predicting each target, from states at ``split``.
+
+    ``mlp_at_targets``: run the last layer's MLP only at those positions (exact there, where
+    the probe found it so; about 10% less work for short answers over six adapted layers).
+    Only for modules that act per position: a mixture whose weights come per batch row
+    would see one row of picked positions.
+    """
+    plan = plan_of(model)
+    if plan.path == FULL:
         logits = own_logits(model, states, batch.lengths)
         return logits[batch.rows.to(logits.device), batch.positions.to(logits.device)]
     parts = decoder_parts(model)
-    hidden = run_layers(model, states, split)
-    picked = hidden[batch.rows.to(hidden.device), batch.positions.to(hidden.device)]
-    return head_logits(parts, parts.norm(picked))
+    rows, positions = batch.rows.to(states.device), batch.positions.to(states.device)
+    pick = mlp_at_targets and plan.mlp_at_targets
+    with mlp_only_at(parts.layers[-1], rows, positions) if pick else nullcontext():
+        hidden = run_layers(model, states, split)
+    return head_logits(parts, parts.norm(hidden[rows, positions]))

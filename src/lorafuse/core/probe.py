@@ -34,6 +34,8 @@ class ForwardPlan:
     path: str  # "split" (cached lower layers) or "full" (the model's own forward)
     reason: str = ""  # why the split forward is not used ("" when it is)
     max_len: int | None = None  # longest sequence the split forward is checked for
+    # the last layer's MLP may run only where logits are read (decoder.mlp_only_at)
+    mlp_at_targets: bool = False
 
     def describe(self) -> str:
         return self.path if self.path == SPLIT else f"{self.path} ({self.reason})"
@@ -107,6 +109,22 @@ def _split_logits(lm: nn.Module, ids: torch.Tensor, split: int) -> torch.Tensor:
     return dec.head_logits(parts, parts.norm(dec.split_layers(parts, lower, split)))
 
 
+def _mlp_at_targets_exact(lm: nn.Module, ids: torch.Tensor, want: list[torch.Tensor]) -> bool:
+    """Whether running the last layer's MLP only at a few positions of each row keeps the
+    logits there exact (every standard decoder layer; anything else keeps the full layer)."""
+    picked = [(i, p) for i, w in enumerate(want) for p in sorted({0, len(w) - 2, len(w) - 1})]
+    rows = torch.tensor([i for i, p in picked if p >= 0], device=ids.device)
+    positions = torch.tensor([p for _, p in picked if p >= 0], device=ids.device)
+    try:
+        parts = dec.decoder_parts(lm)
+        with dec.mlp_only_at(parts.layers[-1], rows, positions):
+            got = _split_logits(lm, ids, len(parts.layers) // 2)[rows, positions]
+    except Exception:
+        return False
+    expected = torch.stack([want[i][p] for i, p in zip(rows.tolist(), positions.tolist())])
+    return torch.allclose(got.to(expected.dtype), expected, atol=ATOL, rtol=RTOL)
+
+
 def _probe_splits(n_layers: int) -> list[int]:
     """Two cut points, an odd one among them: layers are indexed absolutely (mask kinds
     alternate in Gemma-2), so any cut computes the same; two passes keep the check cheap
@@ -158,7 +176,11 @@ def _check(lm: nn.Module) -> ForwardPlan:
         # a sliding window no probe row exceeded is only checked for sequences within it
         checked = max(len(r) for r in rows)
         unchecked = [w for w in _windows(config) if w >= checked]
-        return ForwardPlan(SPLIT, max_len=min(unchecked) if unchecked else None)
+        return ForwardPlan(
+            SPLIT,
+            max_len=min(unchecked) if unchecked else None,
+            mlp_at_targets=_mlp_at_targets_exact(lm, ids, want),
+        )
 
     try:
         full = _mismatch(dec.own_logits(lm, dec.input_embeddings(lm, ids), lengths), want)

@@ -50,7 +50,7 @@ def distillation_loss(teacher: list[tuple[torch.Tensor, torch.Tensor]], split: i
 
     def loss(model, states, encoded, idx) -> torch.Tensor:
         batch = collate(encoded, pad)
-        logits = target_logits(model, pad_states(states), batch, split)
+        logits = target_logits(model, pad_states(states), batch, split, mlp_at_targets=True)
         logq = F.log_softmax(logits, dim=-1)
         values = torch.cat([teacher[i][0] for i in idx]).to(logq.device)
         tokens = torch.cat([teacher[i][1] for i in idx]).to(logq.device)

@@ -112,9 +112,8 @@ def train_adapter_data_parallel(
             loss = torch.zeros((), device=device)
             if mine:
                 batch = collate([data.encoded[i] for i in mine], pad)
-                logits = target_logits(
-                    model, pad_states([states[i] for i in mine]).to(device), batch, split
-                )
+                padded = pad_states([states[i] for i in mine]).to(device)
+                logits = target_logits(model, padded, batch, split, mlp_at_targets=True)
                 loss = per_example_nll(logits, batch).sum() / len(idx)
                 loss.backward()
             sum_gradients(params, accelerator)

@@ -1,7 +1,8 @@
 """Train one LoRA adapter with PEFT on answer tokens, on top of cached lower-layer states.
 
 Only layers ``split..L-1`` carry LoRA, so each step runs just those layers; logits are
-taken only where they predict answer tokens. Batches are a pure function of (seed, step),
+taken only where they predict answer tokens, and the last layer's MLP runs only at those
+positions (exact there; the probe checks each model for it). Batches are a pure function of (seed, step),
 so a run interrupted after a checkpoint resumes to the same result.
 """
 
@@ -66,7 +67,9 @@ def answer_loss(
     """Mean over examples of the mean NLL of each example's target tokens."""
     batch = collate(encoded, pad_id)
     device = next(model.parameters()).device
-    logits = target_logits(model, pad_states(states).to(device), batch, split)
+    logits = target_logits(
+        model, pad_states(states).to(device), batch, split, mlp_at_targets=True
+    )
     return per_example_nll(logits, batch).mean()
 
 
