@@ -15,6 +15,8 @@ def test_ensembles_are_dense_up_to_16_experts_then_budgeted() -> None:
     assert ensemble_caps(16) == (None, 25)
     assert ensemble_caps(48) == (5, 4)
     assert ensemble_caps(256) == (4, 4)
+    assert ensemble_caps(8, 50) == (50, 25)  # the demo's budget, at any K
+    assert ensemble_caps(48, 3) == (3, 4)
 
 
 def test_a_subset_row_is_averaged_over_the_items_it_scored() -> None:
@@ -51,3 +53,29 @@ def test_a_capped_method_scores_exactly_its_items_of_the_full_run(
     assert np.flatnonzero(kept).tolist() == idx
     np.testing.assert_allclose(capped["u"].loss[idx], full["u"].loss[idx], rtol=1e-5)
     assert info["u"]["extra"]["items_per_task"] == 1
+
+
+def test_heavy_rows_on_a_budget_score_the_first_items_of_the_full_run(
+    tiny_base, tiny_experts, tmp_path
+) -> None:
+    from tiny_workspace import tiny_workspace
+
+    from lorafuse.compare import ensembles, fusions
+    from lorafuse.compare_report import Table
+
+    ws = tiny_workspace(tiny_base, tiny_experts, tmp_path)
+    idx = ws.per_task("test", 1)
+    full, capped = Table(), Table()
+    ensembles(ws, full, 0)
+    ensembles(ws, capped, 0, items=1)
+    fusions(ws, full, ["arrow"], 0, budget=True)
+    fusions(ws, capped, ["arrow"], 0, budget=True, items=1)
+    assert set(capped.scores) == set(full.scores) == {
+        "ensemble_prob", "ensemble_logit", "ensemble_learned", "arrow"
+    }  # fmt: skip
+    for row, scores in capped.scores.items():
+        kept = ~np.isnan(scores.loss)
+        assert np.flatnonzero(kept).tolist() == idx, row
+        np.testing.assert_allclose(scores.loss[idx], full.scores[row].loss[idx], rtol=1e-5)
+        assert not np.isnan(full.scores[row].loss).any()
+    assert any("first 1 test items per task" in n for n in capped.notes)

@@ -120,18 +120,20 @@ def references(ws: Workspace, table: Table) -> None:
         )
 
 
-def ensemble_caps(k: int) -> tuple[int | None, int]:
-    """(test items per task or None = all, validation items per task) for K experts."""
+def ensemble_caps(k: int, items: int | None = None) -> tuple[int | None, int]:
+    """(test items per task or None = all, validation items per task) for K experts;
+    ``items`` (test items per task) overrides the test budget at any K."""
     if k <= DENSE_K:
-        return None, ENSEMBLE_VAL_PER_TASK
-    return max(4, ENSEMBLE_ITEMS // k), max(4, ENSEMBLE_ITEMS // (2 * k))
+        return items, ENSEMBLE_VAL_PER_TASK
+    return items or max(4, ENSEMBLE_ITEMS // k), max(4, ENSEMBLE_ITEMS // (2 * k))
 
 
-def ensembles(ws: Workspace, table: Table, seed: int) -> None:
+def ensembles(ws: Workspace, table: Table, seed: int, items: int | None = None) -> None:
     """Uniform mixture of probabilities, of logits, and learned mixture weights (val), scored
-    in one batched pass of all experts (within a budget of items beyond ``DENSE_K``)."""
+    in one batched pass of all experts (within a budget of items beyond ``DENSE_K``, or on
+    ``items`` test items per task)."""
     k = len(ws.private)
-    test_cap, val_cap = ensemble_caps(k)
+    test_cap, val_cap = ensemble_caps(k, items)
     fused = {row: build_fusion(ws, row, seed=seed, val_per_task=val_cap) for row in ENSEMBLES}
     experts = fused[ENSEMBLES[0]].sources
     variants = {row: (f.ensemble.weights, f.ensemble.mode) for row, f in fused.items()}
@@ -145,7 +147,7 @@ def ensembles(ws: Workspace, table: Table, seed: int) -> None:
         n = len(ws.encoded("test"))
         scored = {row: on_subset(s, test, n) for row, s in scored.items()}
         table.notes.append(
-            f"ensembles at K = {k} > {DENSE_K}: scored on the first {test_cap} test items per "
+            f"ensembles at K = {k}: scored on the first {test_cap} test items per "
             f"task, weights fitted on {val_cap} validation items per task (budget)"
         )
     for row, scores in scored.items():
@@ -229,12 +231,18 @@ def merges(
 
 
 def fusions(
-    ws: Workspace, table: Table, methods: Sequence[str], seed: int, *, budget: bool = False
+    ws: Workspace,
+    table: Table,
+    methods: Sequence[str],
+    seed: int,
+    *,
+    budget: bool = False,
+    items: int | None = None,
 ) -> None:
     """Methods of the registry built by name on the mixture core (routers, ELREA), fitted and
-    scored with their defaults. ``budget``: a method that runs more than ``DENSE_K`` adapters
-    on every item (ELREA's cluster ensembles) is scored on :func:`ensemble_caps`' items."""
-    cap = (lambda n: ensemble_caps(n)[0]) if budget else None
+    scored with their defaults. ``budget``: a method that runs every adapter on every item
+    (ELREA's cluster ensembles) is scored on :func:`ensemble_caps`' items (``items``)."""
+    cap = (lambda n: ensemble_caps(n, items)[0]) if budget else None
     rows: dict[str, ExampleScores] = {}
     info: dict[str, dict] = {}
     for name in methods:
@@ -248,7 +256,7 @@ def fusions(
     for row, scores in rows.items():
         if "items_per_task" in info[row]["extra"]:
             table.notes.append(
-                f"{row} runs {DENSE_K}+ adapters per item: scored on the first "
+                f"{row} runs all its adapters on every item: scored on the first "
                 f"{info[row]['extra']['items_per_task']} test items per task (budget)"
             )
         i = info[row]
@@ -292,6 +300,7 @@ def run_compare(
     skip: frozenset[str] = frozenset(),
     recent_merges: bool = False,
     seed_methods: bool = False,
+    heavy_items: int | None = None,
 ) -> dict:
     """Every method on the workspace's test split; writes and returns the results.
 
@@ -299,7 +308,9 @@ def run_compare(
     ``distil=False`` skips distilling the ensemble into one LoRA (a few minutes of training);
     ``skip`` names routing rows to leave out; ``recent_merges`` adds the rows of
     :data:`lorafuse.fusion.methods.RECENT_MERGES`; ``seed_methods`` the rows of
-    :data:`SEED_ROWS` (LoRAHub, RegMean, Sens-Merging, DAM, LoraRetriever, EMR, MC-SMoE).
+    :data:`SEED_ROWS` (LoRAHub, RegMean, Sens-Merging, DAM, LoraRetriever, EMR, MC-SMoE);
+    ``heavy_items``: score the rows that run every adapter on every item (the ensembles,
+    ELREA) on the first that many test items per task (paired tests use the common items).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -308,7 +319,7 @@ def run_compare(
     static_rows = {**STATIC_MERGES, **(RECENT_MERGES if recent_merges else {})}
     steps = [
         ("references_s", lambda: references(ws, table)),
-        ("ensembles_s", lambda: ensembles(ws, table, seed)),
+        ("ensembles_s", lambda: ensembles(ws, table, seed, heavy_items)),
         ("distil_s", lambda: fusions(ws, table, DISTILLED if distil else (), seed)),
         ("merges_s", lambda: merges(ws, table, out, seed, static_rows)),
         ("routing_s", lambda: fusions(ws, table, [r for r in ROUTERS if r not in skip], seed)),
@@ -320,7 +331,9 @@ def run_compare(
         ),
         (
             "elrea_s",
-            lambda: fusions(ws, table, built_elrea(ws, elrea_rows), seed, budget=True),
+            lambda: fusions(
+                ws, table, built_elrea(ws, elrea_rows), seed, budget=True, items=heavy_items
+            ),
         ),
     ]
     for key, step in steps:
