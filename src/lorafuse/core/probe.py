@@ -121,7 +121,9 @@ def _mlp_at_targets_exact(lm: nn.Module, ids: torch.Tensor, want: list[torch.Ten
             got = _split_logits(lm, ids, len(parts.layers) // 2)[rows, positions]
     except Exception:
         return False
-    expected = torch.stack([want[i][p] for i, p in zip(rows.tolist(), positions.tolist())])
+    expected = torch.stack(
+        [want[i][p] for i, p in zip(rows.tolist(), positions.tolist(), strict=True)]
+    )
     return torch.allclose(got.to(expected.dtype), expected, atol=ATOL, rtol=RTOL)
 
 

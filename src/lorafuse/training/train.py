@@ -2,8 +2,8 @@
 
 Only layers ``split..L-1`` carry LoRA, so each step runs just those layers; logits are
 taken only where they predict answer tokens, and the last layer's MLP runs only at those
-positions (exact there; the probe checks each model for it). Batches are a pure function of (seed, step),
-so a run interrupted after a checkpoint resumes to the same result.
+positions (exact there; the probe checks each model for it). Batches are a pure function
+of (seed, step), so a run interrupted after a checkpoint resumes to the same result.
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ def answer_loss(
     """Mean over examples of the mean NLL of each example's target tokens."""
     batch = collate(encoded, pad_id)
     device = next(model.parameters()).device
-    logits = target_logits(
-        model, pad_states(states).to(device), batch, split, mlp_at_targets=True
-    )
+    logits = target_logits(model, pad_states(states).to(device), batch, split, mlp_at_targets=True)
     return per_example_nll(logits, batch).mean()
 
 
