@@ -149,6 +149,22 @@ def base_of(model: torch.nn.Module, name: str) -> BaseModel:
     return BaseModel(model=model, tokenizer=SimpleNamespace(pad_token_id=0), name=name)
 
 
+def with_lora(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """A seeded random (non-zero) PEFT LoRA on layers 1-2 of a family's tiny model."""
+    *_, targets, layer_list, _ = FAMILIES[family]
+    torch.manual_seed(1)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        layers_to_transform=[1, 2],
+        layers_pattern=layer_list,
+        init_lora_weights=False,
+        fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
+    )
+    return get_peft_model(model, lora)
+
+
 def own_target_logits(model: torch.nn.Module, encoded: list[Encoded]) -> list[torch.Tensor]:
     """The model's own logits at each example's target-predicting positions, one row alone."""
     out = []
@@ -173,23 +189,13 @@ def test_family_through_the_harness_equals_its_own_forward(
     family: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
-    *_, targets, layer_list, path = FAMILIES[family]
+    path = FAMILIES[family][-1]
     model = build(family)
     base = base_of(model, family)
     cache = StateCache(base, 1, progress=False)  # checked here, at load
     assert cache.forward.path == path, cache.forward
     assert (cache.directory is None) == (path == FULL)  # input embeddings are not cached
-    torch.manual_seed(1)
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        layers_to_transform=[1, 2],
-        layers_pattern=layer_list,
-        init_lora_weights=False,
-        fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
-    )
-    peft_model = get_peft_model(model, lora).eval()
+    peft_model = with_lora(model, family).eval()
 
     states = cache.get(EXAMPLES)
     batch = collate(EXAMPLES, 0)

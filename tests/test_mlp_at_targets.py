@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from test_families import EXAMPLES, FAMILIES, base_of, build
+from test_families import EXAMPLES, FAMILIES, base_of, build, with_lora
 from torch import nn
 
 from lorafuse.core.encode import collate
@@ -29,21 +28,6 @@ def logits_and_grads(model: nn.Module, cache: StateCache, pick: bool):
     per_example_nll(logits, batch).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logits.detach(), grads
-
-
-def with_lora(model: nn.Module, family: str) -> nn.Module:
-    *_, targets, layer_list, _ = FAMILIES[family]
-    torch.manual_seed(1)
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        layers_to_transform=[1, 2],
-        layers_pattern=layer_list,
-        init_lora_weights=False,
-        fan_in_fan_out=family == "gpt2",
-    )
-    return get_peft_model(model, lora)
 
 
 @pytest.mark.parametrize("family", SPLIT_FAMILIES)
