@@ -35,10 +35,8 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from lorafuse.core.encode import collate
-from lorafuse.core.fit import batch_indices, per_example_nll
-from lorafuse.core.forward import target_logits
-from lorafuse.core.states import StateCache, pad_states
+from lorafuse.core.fit import batch_indices
+from lorafuse.core.states import StateCache
 from lorafuse.device import resolve_device
 from lorafuse.errors import LorafuseError
 from lorafuse.failures import one_line
@@ -49,6 +47,7 @@ from lorafuse.training.config import TrainConfig
 from lorafuse.training.library import ExpertJob, JobData, job_data
 from lorafuse.training.train import (
     TrainResult,
+    answer_nll,
     checkpoint_path,
     lora_config,
     run_stamp,
@@ -111,10 +110,10 @@ def train_adapter_data_parallel(
             opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
             if mine:
-                batch = collate([data.encoded[i] for i in mine], pad)
-                padded = pad_states([states[i] for i in mine]).to(device)
-                logits = target_logits(model, padded, batch, split, mlp_at_targets=True)
-                loss = per_example_nll(logits, batch).sum() / len(idx)
+                nll = answer_nll(
+                    model, [states[i] for i in mine], [data.encoded[i] for i in mine], split, pad
+                )
+                loss = nll.sum() / len(idx)
                 loss.backward()
             sum_gradients(params, accelerator)
             opt.step()

@@ -57,6 +57,21 @@ def lora_config(config: TrainConfig, base: BaseModel) -> LoraConfig:
     )
 
 
+def answer_nll(
+    model: torch.nn.Module,
+    states: Sequence[torch.Tensor],
+    encoded: Sequence[Encoded],
+    split: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Each example's mean NLL of its target tokens, (B,): the training forward (top layers
+    only, the last layer's MLP and the logits only where answer tokens are predicted)."""
+    batch = collate(encoded, pad_id)
+    device = next(model.parameters()).device
+    logits = target_logits(model, pad_states(states).to(device), batch, split, mlp_at_targets=True)
+    return per_example_nll(logits, batch)
+
+
 def answer_loss(
     model: torch.nn.Module,
     states: Sequence[torch.Tensor],
@@ -65,10 +80,7 @@ def answer_loss(
     pad_id: int,
 ) -> torch.Tensor:
     """Mean over examples of the mean NLL of each example's target tokens."""
-    batch = collate(encoded, pad_id)
-    device = next(model.parameters()).device
-    logits = target_logits(model, pad_states(states).to(device), batch, split, mlp_at_targets=True)
-    return per_example_nll(logits, batch).mean()
+    return answer_nll(model, states, encoded, split, pad_id).mean()
 
 
 @dataclass
