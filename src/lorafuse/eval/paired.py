@@ -101,16 +101,11 @@ def compare_pairs(
     ``"<row> lower"`` (the row with the lower mean loss, where the Wilcoxon p < ``alpha``)
     or :data:`NOT_DISTINGUISHABLE`.
     """
-    samples = []
+    made = []
     for claim, a, b in pairs:
         if a in scores and b in scores:
             la, lb, n = common_item_means(scores[a], scores[b], item_tasks)
-            samples.append(({"claim": claim, "a": a, "b": b, "items": n}, la, lb))
-    return _verdicts(samples, alpha)
-
-
-def _verdicts(samples: Sequence[tuple[dict, list[float], list[float]]], alpha: float) -> list[dict]:
-    made = [{**head, **paired_test(la, lb)} for head, la, lb in samples]
+            made.append({"claim": claim, "a": a, "b": b, "items": n, **paired_test(la, lb)})
     for entry, adjusted in zip(made, holm([e["wilcoxon_p"] for e in made]), strict=True):
         entry["holm_p"] = adjusted
         p = entry["wilcoxon_p"]
